@@ -1,0 +1,33 @@
+# Two commands: `make lab` (set up, open the notebooks) and `make test` (set up, run every test).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Pinned first so pip never resolves a multi-GB CUDA build on CPU machines; GPU users get the
+# CUDA build of the same release from PyPI.
+TORCH  ?= torch==2.13.0
+
+.PHONY: lab test setup browser clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+lab: setup
+	$(BIN)/jupyter lab notebooks/00_start_here.ipynb
+
+# The browser tests drive Debian's Chromium; install it when we may (root + apt), never download one.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    (apt-get update -qq && apt-get install -y -qq chromium) ; } || \
+	  echo "chromium not found: notebooks will run headless through nbclient instead (apt-get install chromium)"
+
+test: setup browser
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,8 @@
+"""distlab: learn distributed AI by running it. See README.md and notebooks/00_start_here.ipynb."""
+
+from .context import Context
+from .launch import LaunchTimeout, RankFailure, launch, place, shutdown
+from .runs import Run, load_run
+
+__all__ = ["Context", "LaunchTimeout", "RankFailure", "Run", "launch", "load_run", "place", "shutdown"]
+__version__ = "0.1.0"

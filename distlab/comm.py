@@ -1,0 +1,86 @@
+"""Instrumented communication: every op distlab issues records its payload bytes and seconds.
+
+`Comm` wraps the torch.distributed calls a training function uses; `ddp_comm_hook` does the same for
+DistributedDataParallel's gradient all-reduce. Records go to the rank's telemetry (see telemetry.py),
+tagged "train" (the algorithm's own traffic) or "telemetry" (what watching it costs).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+Record = Callable[[str, int, float, str], None]  # (op, payload bytes, seconds, tag)
+
+
+def nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def ring_allreduce_bytes(payload: int, world_size: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of `payload` bytes: 2(N-1)/N * S."""
+    return 2 * (world_size - 1) / world_size * payload
+
+
+class Comm:
+    """torch.distributed collectives that count what they move.
+
+    On CUDA the clock stops after a device synchronize, so seconds include the transfer itself.
+    """
+
+    def __init__(self, record: Record):
+        self._record = record
+
+    def _timed(self, op: str, tensor: torch.Tensor | None, call: Callable[[], object], tag: str):
+        start = time.perf_counter()
+        out = call()
+        if tensor is not None and tensor.is_cuda:
+            torch.cuda.synchronize(tensor.device)
+        self._record(op, 0 if tensor is None else nbytes(tensor), time.perf_counter() - start, tag)
+        return out
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, tag: str = "train") -> torch.Tensor:
+        self._timed("all_reduce", tensor, lambda: dist.all_reduce(tensor, op=op), tag)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0, tag: str = "train") -> torch.Tensor:
+        self._timed("broadcast", tensor, lambda: dist.broadcast(tensor, src=src), tag)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, tag: str = "train") -> list[torch.Tensor]:
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        self._timed("all_gather", tensor, lambda: dist.all_gather(out, tensor), tag)
+        return out
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: str = "train") -> None:
+        self._timed("send", tensor, lambda: dist.send(tensor, dst=dst), tag)
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: str = "train") -> torch.Tensor:
+        self._timed("recv", tensor, lambda: dist.recv(tensor, src=src), tag)
+        return tensor
+
+    def barrier(self, tag: str = "train") -> None:
+        self._timed("barrier", None, dist.barrier, tag)
+
+
+def ddp_comm_hook(record: Record):
+    """A DDP communication hook: the usual averaged all-reduce of each gradient bucket, counted.
+
+    Seconds run from issuing the bucket's all-reduce to its completion (overlapped with backward).
+    """
+
+    def hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        buffer = bucket.buffer()
+        start = time.perf_counter()
+        future = dist.all_reduce(buffer, async_op=True).get_future()
+
+        def average(fut):
+            record("all_reduce", nbytes(buffer), time.perf_counter() - start, "ddp")
+            return fut.value()[0].div_(dist.get_world_size())
+
+        return future.then(average)
+
+    return hook

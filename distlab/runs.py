@@ -1,0 +1,149 @@
+"""The run folder: everything a launch leaves on disk, and `Run`, the object that reads it.
+
+    runs/<time>-<name>/
+      config.json            what was launched, where, and its status (running, ok, failed, ...)
+      metrics/rank<r>.jsonl  ctx.log rows, flushed line by line by the rank itself
+      comm/rank<r>.jsonl     one row per communication op
+      logs/rank<r>.log       the rank's stdout and stderr
+      results/rank<r>.pkl    what the function returned (cloudpickle)
+      failure.txt            the root-cause rank and its traceback, when one failed
+      progress.json          total steps, when the function said (ctx.set_total)
+
+pandas is imported only when a DataFrame is asked for: ranks never pay for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+
+import cloudpickle
+
+RUNS_ROOT_ENV = "DISTLAB_RUNS"
+
+
+def new_run_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    root = Path(root or os.environ.get(RUNS_ROOT_ENV, "runs"))
+    path = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}"
+    for sub in ("metrics", "comm", "logs", "results"):
+        (path / sub).mkdir(parents=True)
+    return path.resolve()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=repr))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def _read_jsonl(files) -> list[dict]:
+    rows = []
+    for path in files:
+        with open(path) as f:
+            rows.extend(json.loads(line) for line in f if line.endswith("\n"))  # skip a half-written line
+    return rows
+
+
+class Run:
+    """A launch, running or finished. `dl.load_run(path)` gives the same object for an old run."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.dir = Path(path)
+        if not (self.dir / "config.json").exists():
+            raise FileNotFoundError(f"{self.dir} is not a distlab run folder (no config.json)")
+        self._job = None  # set by launch() while ranks run this run
+        self._results: list | None = None
+
+    def __repr__(self) -> str:
+        return f"<Run {self.dir.name} world_size={self.world_size} status={self.status}>"
+
+    @property
+    def config(self) -> dict:
+        return json.loads((self.dir / "config.json").read_text())
+
+    def _update_config(self, **changes) -> None:
+        _write_json(self.dir / "config.json", {**self.config, **changes})
+
+    @property
+    def world_size(self) -> int:
+        return self.config["world_size"]
+
+    @property
+    def status(self) -> str:
+        """running, ok, failed, timeout, interrupted or stopped."""
+        return self.config["status"]
+
+    @property
+    def results(self) -> list:
+        """What each rank returned, indexed by rank."""
+        if self._results is None:
+            if self.status == "running":
+                raise RuntimeError("the run is still going: call run.wait() first")
+            files = [self.dir / "results" / f"rank{r}.pkl" for r in range(self.world_size)]
+            if not all(f.exists() for f in files):
+                raise RuntimeError(f"run ended '{self.status}': no results (see run.failure / run.logs())")
+            self._results = [cloudpickle.loads(f.read_bytes()) for f in files]
+        return self._results
+
+    @property
+    def metrics(self):
+        """A pandas DataFrame: one row per ctx.log call, with columns rank, t, step, ... (sorted by time)."""
+        return self._frame("metrics")
+
+    @property
+    def comm(self):
+        """A pandas DataFrame: one row per communication op: rank, t, op, tag, bytes, seconds."""
+        return self._frame("comm")
+
+    def _frame(self, kind: str):
+        import pandas as pd
+
+        rows = _read_jsonl(sorted((self.dir / kind).glob("rank*.jsonl")))
+        frame = pd.DataFrame(rows)
+        return frame.sort_values(["t", "rank"], ignore_index=True) if rows else frame
+
+    def logs(self, rank: int | None = None) -> str:
+        """The stdout/stderr of one rank, or of all ranks one after another."""
+        ranks = range(self.world_size) if rank is None else [rank]
+        paths = [self.dir / "logs" / f"rank{r}.log" for r in ranks]
+        return "".join(p.read_text() for p in paths if p.exists())
+
+    @property
+    def failure(self) -> str | None:
+        path = self.dir / "failure.txt"
+        return path.read_text() if path.exists() else None
+
+    @property
+    def total_steps(self) -> int | None:
+        path = self.dir / "progress.json"
+        return json.loads(path.read_text())["total_steps"] if path.exists() else None
+
+    def wait(self) -> "Run":
+        """Block until the ranks finish; raises what a blocking launch would have raised."""
+        if self._job is not None:
+            self._job.wait()
+        return self
+
+    def stop(self) -> None:
+        """Stop a running launch now; its ranks are ended (the next launch starts new ones)."""
+        if self._job is not None:
+            self._job.stop()
+
+    def figure(self):
+        """The training dashboard as a static plotly figure (loss, gradient norms, drift, bytes)."""
+        from .viz.figures import training_figure
+
+        return training_figure(self)
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Reopen a run folder, finished or not: results, metrics, logs and figures as when it ran."""
+    return Run(path)
+
+
+def save_result(run_dir: str | os.PathLike, rank: int, result) -> None:
+    """Written by the rank itself, so results survive the launching process."""
+    (Path(run_dir) / "results" / f"rank{rank}.pkl").write_bytes(cloudpickle.dumps(result))

@@ -1,0 +1,99 @@
+"""What one rank records: scalar metrics, communication, per-layer gradient norms, replica drift.
+
+Everything is written as JSON lines into the run folder and flushed line by line, so a kernel that
+dies mid-run loses nothing already logged, and the notebook can tail the files while ranks run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .comm import Comm
+
+TRAIN_TAGS = ("train", "ddp")  # traffic of the algorithm itself; anything else is telemetry overhead
+
+
+def metrics_file(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "metrics" / f"rank{rank}.jsonl"
+
+
+def comm_file(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "comm" / f"rank{rank}.jsonl"
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible
+    return value
+
+
+class Telemetry:
+    """One rank's recorder. Comm records may arrive from a DDP callback thread, hence the lock."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.rank = rank
+        for path in (metrics_file(run_dir, rank), comm_file(run_dir, rank)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(metrics_file(run_dir, rank), "a", buffering=1)  # line-buffered: flushed per row
+        self._comm = open(comm_file(run_dir, rank), "a", buffering=1)
+        self._lock = threading.Lock()
+        self._since_log = self._zero()
+
+    @staticmethod
+    def _zero() -> dict:
+        return {"comm_bytes": 0, "comm_seconds": 0.0, "overhead_bytes": 0, "overhead_seconds": 0.0}
+
+    def record_comm(self, op: str, payload: int, seconds: float, tag: str) -> None:
+        kind = "comm" if tag in TRAIN_TAGS else "overhead"
+        row = {"rank": self.rank, "t": time.time(), "op": op, "tag": tag, "bytes": payload, "seconds": seconds}
+        with self._lock:
+            self._since_log[f"{kind}_bytes"] += payload
+            self._since_log[f"{kind}_seconds"] += seconds
+            self._comm.write(json.dumps(row) + "\n")
+
+    def log(self, scalars: dict) -> None:
+        """One metrics row: the scalars, plus the bytes and seconds communicated since the last row."""
+        with self._lock:
+            row = {"rank": self.rank, "t": time.time(), **{k: _jsonable(v) for k, v in scalars.items()}}
+            row.update(self._since_log)
+            self._since_log = self._zero()
+            self._metrics.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._comm.close()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel keeps the real model in .module
+
+
+def grad_norms(model: nn.Module) -> dict[str, float]:
+    """L2 norm of the gradient of each layer (module owning parameters), keyed 'grad/<layer>'."""
+    squares: dict[str, list[torch.Tensor]] = {}
+    for name, param in _unwrap(model).named_parameters():
+        if param.grad is not None:
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            squares.setdefault(layer, []).append(param.grad.detach().float().pow(2).sum())
+    if not squares:
+        return {}
+    norms = torch.stack([torch.stack(s).sum() for s in squares.values()]).sqrt().tolist()  # one sync
+    return {f"grad/{layer}": norm for layer, norm in zip(squares, norms)}
+
+
+def drift(model: nn.Module, comm: Comm) -> float:
+    """This rank's L2 distance to the mean of all replicas' parameters (a collective: every rank calls it)."""
+    flat = torch.nn.utils.parameters_to_vector(p.detach() for p in _unwrap(model).parameters())
+    mean = flat.clone()
+    comm.all_reduce(mean, tag="telemetry")
+    mean /= torch.distributed.get_world_size()
+    return (flat - mean).norm().item()

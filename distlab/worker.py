@@ -1,0 +1,116 @@
+"""One rank: `python -m distlab.worker ...`, started by dl.launch (never by hand).
+
+The rank joins the process group once, reports ready, then runs the jobs it is sent, one after
+another, so later launches skip Python start-up and `import torch`. Commands arrive on a pipe whose
+other end only the launching process holds: when that process dies, the pipe closes and the rank
+ends itself and everything it started (it leads its own process group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import linecache
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import Connection
+
+import cloudpickle
+import torch
+import torch.distributed as dist
+
+from .context import Context
+from .launch import JOB_END
+from .runs import save_result
+
+COMM_ERROR_HINTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket closed")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m distlab.worker")
+    for name in ("rank", "world-size", "master-port", "threads", "cmd-fd", "report-fd"):
+        p.add_argument(f"--{name}", type=int, required=True)
+    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--backend", required=True)
+    p.add_argument("--device", required=True)
+    return p.parse_args(argv)
+
+
+def end_this_rank() -> None:
+    os.killpg(0, signal.SIGKILL)  # this rank and every process it started
+
+
+def read_commands(commands: Connection, jobs: queue.Queue) -> None:
+    while True:
+        try:
+            jobs.put(commands.recv())
+        except (EOFError, OSError):  # the launching process is gone
+            end_this_rank()
+
+
+def join_process_group(args: argparse.Namespace, device: torch.device) -> None:
+    torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        args.backend,
+        init_method=f"tcp://{args.master_addr}:{args.master_port}",
+        rank=args.rank,
+        world_size=args.world_size,
+        timeout=timedelta(minutes=30),
+        **({"device_id": device} if args.backend == "nccl" else {}),
+    )
+
+
+def install_sources(sources: dict[str, list[str]]) -> None:
+    """Let tracebacks show the notebook cell's lines: cells are not files, so ship their text."""
+    for filename, lines in sources.items():
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+
+
+def is_comm_error(error: BaseException) -> bool:
+    """A peer's collective broke because another rank went away: a symptom, not the root cause."""
+    return isinstance(error, getattr(dist, "DistBackendError", ())) or any(
+        hint in str(error) for hint in COMM_ERROR_HINTS
+    )
+
+
+def run_job(args, device: torch.device, job: tuple) -> tuple:
+    _, payload, run_dir, sources = job
+    install_sources(sources)
+    ctx = Context(args.rank, args.world_size, device, args.backend, run_dir)
+    try:
+        fn, kwargs = cloudpickle.loads(payload)
+        dist.barrier()
+        save_result(run_dir, args.rank, fn(ctx, **kwargs))
+        return ("done", args.rank)
+    except BaseException as error:
+        return ("failed", args.rank, time.time(), traceback.format_exc(), is_comm_error(error))
+    finally:
+        ctx.close()
+        for stream in (sys.stdout, sys.stderr):
+            stream.write(f"{JOB_END}\n")
+            stream.flush()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    commands = Connection(args.cmd_fd, writable=False)
+    reports = Connection(args.report_fd, readable=False)
+    jobs: queue.Queue = queue.Queue()
+    threading.Thread(target=read_commands, args=(commands, jobs), daemon=True).start()
+    device = torch.device(args.device)
+    join_process_group(args, device)
+    reports.send(("ready", args.rank, {"pid": os.getpid(), "device": str(device), "threads": args.threads}))
+    while (job := jobs.get())[0] == "job":
+        reports.send(run_job(args, device, job))
+    os._exit(0)  # "exit": skip interpreter teardown, the launcher is waiting
+
+
+if __name__ == "__main__":
+    main()
