@@ -1,5 +1,6 @@
 """distlab: learn distributed AI by running it. See README.md and notebooks/00_start_here.ipynb."""
 
+from . import data, models
 from .context import Context
 from .launch import LaunchTimeout, RankFailure, launch, place, shutdown
 from .runs import Run, load_run

@@ -72,7 +72,7 @@ def ddp_comm_hook(record: Record):
     Seconds run from issuing the bucket's all-reduce to its completion (overlapped with backward).
     """
 
-    def hook(state, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    def hook(state, bucket):  # no annotations: DDP rejects a string "dist.GradBucket" (future annotations)
         buffer = bucket.buffer()
         start = time.perf_counter()
         future = dist.all_reduce(buffer, async_op=True).get_future()

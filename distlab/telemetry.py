@@ -79,15 +79,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def grad_norms(model: nn.Module) -> dict[str, float]:
     """L2 norm of the gradient of each layer (module owning parameters), keyed 'grad/<layer>'."""
-    squares: dict[str, list[torch.Tensor]] = {}
-    for name, param in _unwrap(model).named_parameters():
-        if param.grad is not None:
-            layer = name.rsplit(".", 1)[0] if "." in name else name
-            squares.setdefault(layer, []).append(param.grad.detach().float().pow(2).sum())
-    if not squares:
+    named = [(name, p.grad) for name, p in _unwrap(model).named_parameters() if p.grad is not None]
+    if not named:
         return {}
-    norms = torch.stack([torch.stack(s).sum() for s in squares.values()]).sqrt().tolist()  # one sync
-    return {f"grad/{layer}": norm for layer, norm in zip(squares, norms)}
+    norms = torch._foreach_norm([grad.detach() for _, grad in named])  # one fused kernel, as clip_grad_norm_
+    layers: dict[str, float] = {}
+    for (name, _), norm in zip(named, torch.stack(norms).float().tolist()):  # one device sync
+        layer = "grad/" + (name.rsplit(".", 1)[0] if "." in name else name)
+        layers[layer] = layers.get(layer, 0.0) + norm**2
+    return {layer: math.sqrt(square) for layer, square in layers.items()}
 
 
 def drift(model: nn.Module, comm: Comm) -> float:

@@ -90,7 +90,9 @@ def run_job(args, device: torch.device, job: tuple) -> tuple:
         save_result(run_dir, args.rank, fn(ctx, **kwargs))
         return ("done", args.rank)
     except BaseException as error:
-        return ("failed", args.rank, time.time(), traceback.format_exc(), is_comm_error(error))
+        frames = error.__traceback__.tb_next  # start at the user's function, not at this one
+        details = "".join(traceback.format_exception(type(error), error, frames))
+        return ("failed", args.rank, time.time(), details, is_comm_error(error))
     finally:
         ctx.close()
         for stream in (sys.stdout, sys.stderr):

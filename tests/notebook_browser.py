@@ -1,0 +1,336 @@
+"""Run a notebook the way a student does (JupyterLab + headless Chromium), or headless via nbclient.
+
+`run_in_browser` and `run_headless` return a NotebookReport; the caller decides what passes.
+Every run works on a throw-away copy (outputs cleared) with its own Jupyter dirs and run folder,
+and kills every process it started (server, kernel, training ranks, browser) before returning.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage"]
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+WIDGET_ERRORS = ("Error displaying widget", "Error rendering widget", "Loading widget")
+MARKER = "DISTLAB_NOTEBOOK_TEST"  # env var carried by every process a run starts, to reap leftovers
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@dataclass
+class NotebookReport:
+    """What one notebook run produced: error outputs, rendered views, problems, timing."""
+
+    notebook: str
+    mode: str  # "browser" or "headless"
+    errors: list[dict] = field(default_factory=list)  # {cell, ename, evalue, traceback}
+    widget_views: int = 0
+    plotly_plots: int = 0
+    problems: list[str] = field(default_factory=list)  # not-rendered outputs, timeout, dead kernel
+    seconds: float = 0.0
+    screenshot: Path | None = None
+
+    def failures(self, min_widgets: int = 0, min_plots: int = 0) -> list[str]:
+        """All reasons this run fails; counts are only checked in the browser, where they are real."""
+        out = [f"cell {e['cell']}: {e['ename']}: {e['evalue']}" for e in self.errors] + self.problems
+        if self.mode == "browser" and self.widget_views < min_widgets:
+            out.append(f"only {self.widget_views} widget view(s) rendered, expected >= {min_widgets}")
+        if self.mode == "browser" and self.plotly_plots < min_plots:
+            out.append(f"only {self.plotly_plots} plotly plot(s) rendered, expected >= {min_plots}")
+        return out
+
+    def describe(self, min_widgets: int = 0, min_plots: int = 0) -> str:
+        """A readable account for an assertion message: failures, tracebacks, counts, screenshot."""
+        lines = [f"{self.notebook} ({self.mode}, {self.seconds:.0f}s): widget views={self.widget_views}, "
+                 f"plotly plots={self.plotly_plots}, errors={len(self.errors)}"]
+        lines += [f"  - {f}" for f in self.failures(min_widgets, min_plots)]
+        for e in self.errors:
+            lines += [f"  traceback of cell {e['cell']} ({e['ename']}):"] + [f"    {t}" for t in e["traceback"]]
+        if self.screenshot:
+            lines.append(f"  screenshot: {self.screenshot}")
+        return "\n".join(lines)
+
+
+def find_chromium() -> str | None:
+    """Debian's Chromium, which the browser test drives (we never download one)."""
+    return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else shutil.which("chromium")
+
+
+def _working_copy(path: Path, tmp: Path) -> Path:
+    """Copy the notebook's folder into tmp (so relative paths behave) and clear the copy's outputs."""
+    folder = shutil.copytree(path.parent, tmp / "work" / path.parent.name,
+                             ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "runs"))
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, copy := Path(folder) / path.name)
+    return copy
+
+
+def _kernelspec(data_dir: Path) -> Path:
+    """A throw-away 'python3' kernelspec that runs this very interpreter (the project's venv)."""
+    kdir = data_dir / "kernels" / "python3"
+    kdir.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3", "language": "python"}
+    (kdir / "kernel.json").write_text(json.dumps(spec))
+    return kdir.parent
+
+
+def _errors(nb: nbformat.NotebookNode) -> list[dict]:
+    """Error outputs of a notebook, with the last few traceback lines (ANSI colours stripped)."""
+    found = []
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.output_type == "error":
+                tb = [ln for ln in ANSI.sub("", "\n".join(out.traceback)).splitlines() if ln.strip()]
+                found.append({"cell": i, "ename": out.ename, "evalue": out.evalue[:300], "traceback": tb[-6:]})
+    return found
+
+
+def _reap(tag: str) -> None:
+    """Kill, by pid, any process still carrying this run's marker (kernels, training ranks)."""
+    needle = f"{MARKER}={tag}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def run_headless(path: Path, timeout: float = 600) -> NotebookReport:
+    """Execute a notebook with nbclient (no browser): catches errors, cannot see rendering."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+
+    start, tag = time.monotonic(), secrets.token_hex(8)
+    report = NotebookReport(str(path), "headless")
+    with tempfile.TemporaryDirectory(prefix="nbtest_") as t:
+        tmp = Path(t)
+        copy = _working_copy(path, tmp)
+        km = KernelManager(kernel_name="python3",
+                           kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(_kernelspec(tmp / "data"))]))
+        nb = nbformat.read(copy, as_version=4)
+        env = dict(os.environ, DISTLAB_RUNS=str(tmp / "runs"), IPYTHONDIR=str(tmp / "ipython"), **{MARKER: tag})
+        client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=True,
+                                resources={"metadata": {"path": str(copy.parent)}})
+        try:
+            client.execute(env=env)
+        except Exception as e:  # timeout, dead kernel
+            report.problems.append(f"{type(e).__name__}: {str(e)[:500]}")
+        finally:
+            _reap(tag)
+        report.errors = _errors(nb)
+        for cell in nb.cells:
+            for out in cell.get("outputs", []):
+                report.widget_views += WIDGET_MIME in out.get("data", {})
+                report.plotly_plots += PLOTLY_MIME in out.get("data", {})
+    report.seconds = time.monotonic() - start
+    return report
+
+
+# ---------------------------------------------------------------------------------------- browser
+JS_STATE = """() => {
+  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+  if (!w || !w.content || !w.sessionContext) return null;
+  const k = w.sessionContext.session && w.sessionContext.session.kernel;
+  const code = w.content.widgets.filter(c => c.model.type === 'code' && c.model.sharedModel.getSource().trim());
+  const outs = c => Array.from({length: c.model.outputs.length}, (_, i) => c.model.outputs.get(i).type);
+  return {kernel: k ? k.status : null, total: code.length,
+          ran: code.filter(c => c.model.executionCount !== null && c.model.executionState !== 'running').length,
+          errored: code.some(c => outs(c).includes('error'))};
+}"""
+# Per notebook cell (null for non-code), per output: what is drawn on screen.
+JS_FACTS = """() => window.jupyterapp.shell.currentWidget.content.widgets.map(c => c.model.type !== 'code' ? null :
+  Array.from(c.outputArea.widgets).map(child => {
+    const n = child.node, out = n.querySelector('.jp-OutputArea-output');
+    const big = e => { const b = e.getBoundingClientRect(); return b.width > 2 && b.height > 2; };
+    const plots = Array.from(n.querySelectorAll('.js-plotly-plot'));
+    const nested = Array.from(n.querySelectorAll(
+        '.jupyter-widgets .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'));
+    return {mime: out ? out.getAttribute('data-mime-type') || '' : null, text: (n.innerText || '').slice(0, 300),
+            widget: !!n.querySelector('.jupyter-widgets') || (!!out && Array.from(out.querySelectorAll('*')).some(big)),
+            plots: plots.filter(p => p.querySelector('svg.main-svg') && big(p)).length, divs: plots.length,
+            nested: nested.map(e => e.innerText).filter(t => t.includes('Traceback')).map(t => t.slice(0, 300))};
+  }))"""
+JS_HEIGHT = """() => { const o = document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer');
+  return o ? o.scrollHeight - o.clientHeight : 0; }"""
+
+
+def _api(base: str, token: str, method: str, route: str) -> object:
+    """Call the Jupyter server's REST API (bounded)."""
+    req = urllib.request.Request(base + route, method=method, headers={"Authorization": f"token {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read() or b"null")
+
+
+def _start_lab(tmp: Path, root: Path, token: str, tag: str) -> tuple[subprocess.Popen, str]:
+    """Start JupyterLab on a free localhost port with throw-away dirs; wait until it answers."""
+    settings = {"@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},  # draw every cell
+                "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False}}
+    for plugin, values in settings.items():
+        (tmp / "settings" / f"{plugin}.jupyterlab-settings").parent.mkdir(parents=True, exist_ok=True)
+        (tmp / "settings" / f"{plugin}.jupyterlab-settings").write_text(json.dumps(values))
+    data = _kernelspec(tmp / "data").parent
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
+               JUPYTER_DATA_DIR=str(data), JUPYTER_PATH=str(data), JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
+               JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"), IPYTHONDIR=str(tmp / "ipython"),
+               JUPYTER_PLATFORM_DIRS="1", DISTLAB_RUNS=str(tmp / "runs"), **{MARKER: tag})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+           "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=",
+           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    cmd += ["--allow-root"] if os.geteuid() == 0 else []
+    log = open(tmp / "server.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            spec = _api(base, token, "GET", "/api/kernelspecs")["kernelspecs"]["python3"]["spec"]
+            assert spec["argv"][0] == sys.executable, f"kernel would run {spec['argv'][0]}, not {sys.executable}"
+            return proc, base
+        except OSError:
+            time.sleep(0.3)
+    _stop_lab(proc, base, token)
+    raise RuntimeError("JupyterLab did not start:\n" + (tmp / "server.log").read_text(errors="replace")[-2000:])
+
+
+def _stop_lab(proc: subprocess.Popen, base: str, token: str) -> None:
+    """Shut kernels down politely, then the server (SIGTERM, then SIGKILL), all bounded."""
+    if proc.poll() is None:
+        try:
+            for k in _api(base, token, "GET", "/api/kernels"):
+                _api(base, token, "DELETE", f"/api/kernels/{k['id']}")
+        except OSError:
+            pass
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _wait_until_done(page, timeout: float, report: NotebookReport) -> None:
+    """Poll the notebook model until the kernel is idle and every cell ran (or Run All stopped at an error)."""
+    deadline, stable, st = time.monotonic() + timeout, 0, None
+    while time.monotonic() < deadline:
+        st = page.evaluate(JS_STATE) or {}
+        if st.get("kernel") in ("dead", "restarting", "autorestarting"):
+            report.problems.append(f"the kernel died (status {st['kernel']})")
+            return
+        done = st.get("kernel") == "idle" and (st["ran"] == st["total"] or st["errored"])
+        stable = stable + 1 if done else 0
+        if stable >= 3:
+            return
+        time.sleep(0.5)
+    report.problems.append(f"Run All not finished after {timeout:.0f}s (state {st})")
+
+
+def _check_outputs(nb: nbformat.NotebookNode, facts: list) -> tuple[int, int, list[str], list[dict]]:
+    """Pair each saved output with what is drawn: count widget views and plots, list what did not render."""
+    views, plots, problems, nested = 0, 0, [], []
+    for i, (cell, drawn) in enumerate(zip(nb.cells, facts)):
+        for j, out in enumerate(cell.get("outputs", []) if drawn is not None else []):
+            f = drawn[j] if j < len(drawn) else {"mime": None, "text": "", "widget": False, "plots": 0, "divs": 0}
+            data, text = out.get("data", {}), f["text"][:80].replace("\n", " ")
+            plots += f["plots"]
+            if f["divs"] > f["plots"]:
+                problems.append(f"cell {i}: plotly plot without SVG: {text!r}")
+            if WIDGET_MIME in data:
+                bad = next((e for e in WIDGET_ERRORS if e in f["text"]), None)
+                if bad or not f["widget"] or f["mime"] not in ("", WIDGET_MIME):
+                    problems.append(f"cell {i}: widget not rendered ({bad or f['mime']}): {text!r}")
+                else:
+                    views += 1
+            elif PLOTLY_MIME in data and not f["plots"]:
+                problems.append(f"cell {i}: plotly figure not rendered: {text!r}")
+        for f in drawn or []:
+            nested += [{"cell": i, "ename": "traceback inside a widget", "evalue": t.splitlines()[-1],
+                        "traceback": t.splitlines()[-6:]} for t in f["nested"]]
+    return views, plots, problems, nested
+
+
+def _drive(page, url: str, copy: Path, timeout: float, report: NotebookReport) -> None:
+    """Open the notebook, click Run > Run All Cells, wait, save, then compare the saved model with the page."""
+    page.goto(url, timeout=120_000)
+    page.wait_for_function(f"() => {{ const s = ({JS_STATE})(); return s && s.kernel === 'idle'; }}",
+                           timeout=120_000, polling=500)
+    page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
+    _wait_until_done(page, timeout, report)
+    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+    nb = nbformat.read(copy, as_version=4)
+    deadline, last, stable = time.monotonic() + 30, None, 0
+    while time.monotonic() < deadline:  # widget views and plots draw asynchronously: wait till stable
+        now = _check_outputs(nb, page.evaluate(JS_FACTS))
+        stable = stable + 1 if now == last else 0
+        last = now
+        if stable >= 3 and not now[2]:
+            break
+        time.sleep(0.5)
+    report.widget_views, report.plotly_plots, problems, nested = last
+    report.errors, report.problems = _errors(nb) + nested, report.problems + problems
+
+
+def _screenshot(page, path: Path) -> None:
+    """Make the window as tall as the notebook (it scrolls inside the page) and save a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size({"width": 1280, "height": min(900 + page.evaluate(JS_HEIGHT), 16000)})
+    time.sleep(1.0)  # plots re-layout to the new size
+    page.screenshot(path=str(path), full_page=True)
+
+
+def run_in_browser(path: Path, timeout: float = 600, screenshot: Path | None = None) -> NotebookReport:
+    """Open a copy of the notebook in JupyterLab in headless Chromium, Run All Cells, check the page."""
+    from playwright.sync_api import sync_playwright
+
+    start, tag, token = time.monotonic(), secrets.token_hex(8), secrets.token_hex(24)
+    report = NotebookReport(str(path), "browser")
+    with tempfile.TemporaryDirectory(prefix="nbtest_") as t:
+        tmp = Path(t)
+        copy = _working_copy(path, tmp)
+        proc, base = _start_lab(tmp, tmp / "work", token, tag)
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path=find_chromium(), headless=True, args=CHROMIUM_FLAGS)
+                try:
+                    page = browser.new_page(viewport={"width": 1280, "height": 900})
+                    url = f"{base}/lab/tree/{copy.parent.name}/{copy.name}?token={token}"
+                    try:
+                        _drive(page, url, copy, timeout, report)
+                    except Exception as e:  # page never loaded, menu missing, ...: report it with a screenshot
+                        report.problems.append(f"harness: {type(e).__name__}: {str(e)[:500]}")
+                    if screenshot:
+                        _screenshot(page, screenshot)
+                        report.screenshot = screenshot
+                finally:
+                    browser.close()
+        finally:
+            _stop_lab(proc, base, token)
+            _reap(tag)
+    report.seconds = time.monotonic() - start
+    return report
