@@ -5,5 +5,5 @@ from .context import Context
 from .launch import LaunchTimeout, RankFailure, launch, place, shutdown
 from .runs import Run, load_run
 
-__all__ = ["Context", "LaunchTimeout", "RankFailure", "Run", "launch", "load_run", "place", "shutdown"]
+__all__ = ["data", "models", "Context", "LaunchTimeout", "RankFailure", "Run", "launch", "load_run", "place", "shutdown"]
 __version__ = "0.1.0"

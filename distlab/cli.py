@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from .context import Context
 from .launch import launch, place
-from .runs import _write_json, new_run_dir, save_result
+from .runs import make_run_dir, new_run_dir, save_result, write_config
 
 
 def load_function(spec: str):
@@ -44,24 +44,20 @@ def parse_kwargs(pairs: list[str]) -> dict:
 
 def run_under_torchrun(fn, kwargs: dict, runs_root: str | None) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = torch.device(f"cuda:{local_rank % gpus}" if gpus else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if gpus and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) <= gpus else "gloo"
+    backend = "nccl" if gpus and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= gpus else "gloo"
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    # Each node writes its own folder; the name (from rank 0) is shared so the folders match up.
+    # Each machine writes its own folder, all under the name rank 0 picked, so they line up.
     names = [str(new_run_dir(fn.__name__, runs_root)) if rank == 0 else None]
     dist.broadcast_object_list(names)
-    run_dir = names[0]
-    os.makedirs(run_dir, exist_ok=True)
-    for sub in ("metrics", "comm", "logs", "results"):
-        os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
+    run_dir = make_run_dir(names[0])
     if rank == 0:
-        _write_json(os.path.join(run_dir, "config.json"), {
-            "name": fn.__name__, "world_size": world_size, "backend": backend, "status": "running",
-            "launcher": "torchrun", "kwargs": {k: repr(v) for k, v in kwargs.items()}})
+        write_config(run_dir, name=fn.__name__, world_size=world_size, backend=backend, status="running",
+                     launcher="torchrun", kwargs={k: repr(v) for k, v in kwargs.items()})
     ctx = Context(rank, world_size, device, backend, run_dir, local_rank=local_rank)
     dist.barrier()
     result = fn(ctx, **kwargs)
@@ -69,10 +65,7 @@ def run_under_torchrun(fn, kwargs: dict, runs_root: str | None) -> None:
     ctx.close()
     dist.barrier()
     if rank == 0:
-        config = os.path.join(run_dir, "config.json")
-        import json
-
-        _write_json(config, {**json.load(open(config)), "status": "ok"})
+        write_config(run_dir, status="ok")
         print(f"rank 0 result: {result!r}\nrun folder: {run_dir}")
     dist.destroy_process_group()
 

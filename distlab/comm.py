@@ -8,7 +8,7 @@ tagged "train" (the algorithm's own traffic) or "telemetry" (what watching it co
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -21,19 +21,19 @@ import threading
 import time
 import types
 from collections import ChainMap, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import Pipe
 from multiprocessing.connection import wait as wait_any
-from typing import Callable
 
 import cloudpickle
 import torch
 
-from .runs import Run, new_run_dir, _write_json
+from .runs import Run, new_run_dir, write_config
 
 JOB_END = "\x00distlab-job-end"  # a rank writes it on stdout and stderr after each job: "all output is in"
 BACKENDS = ("auto", "gloo", "nccl")
-START_TIMEOUT = float(os.environ.get("DISTLAB_START_TIMEOUT", 300))  # cold start: python + import torch
+START_TIMEOUT = float(os.environ.get("DISTLAB_START_TIMEOUT", "300"))  # cold start: python + import torch
 FAILURE_GRACE = 0.5  # after a first failure, how long to collect other ranks' reports before choosing the root
 POLL = 0.05
 
@@ -186,7 +186,7 @@ class _Pool:
 
 
 _pool: _Pool | None = None
-_active: "_Job | None" = None
+_active: _Job | None = None
 _lock = threading.Lock()
 
 
@@ -269,7 +269,7 @@ class _Job:
         if self._thread is not None:
             while self._thread.is_alive():
                 self._thread.join(0.1)  # short joins keep Kernel → Interrupt working
-            if self._error is not None:
+            if self._error is not None and not isinstance(self._error, _Stopped):
                 raise self._error
 
     def stop(self) -> None:
@@ -304,7 +304,7 @@ class _Job:
                     conn.recv()
                     pending.discard(rank)
                 except (EOFError, OSError):
-                    raise RankFailure(rank, "it failed to start: " + pool.exit_description(rank), self.run)
+                    raise RankFailure(rank, "it failed to start: " + pool.exit_description(rank), self.run) from None
             for rank in list(pending):
                 if pool.procs[rank].poll() is not None:
                     raise RankFailure(rank, "it failed to start: " + pool.exit_description(rank), self.run)
@@ -341,7 +341,7 @@ class _Job:
                 if not pending or time.monotonic() - first_failure > FAILURE_GRACE:
                     root = min(failures, key=lambda f: (f.symptom, f.at))
                     (self.run.dir / "failure.txt").write_text(f"rank {root.rank}\n{root.details}")
-                    self.run._update_config(failed_rank=root.rank)
+                    write_config(self.run.dir, failed_rank=root.rank)
                     raise RankFailure(root.rank, root.details, self.run)
             if deadline is not None and time.monotonic() > deadline:
                 raise LaunchTimeout(
@@ -381,7 +381,7 @@ class _Job:
         print(f"[rank {rank}] {line}", file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
 
     def _finish(self, status: str, started: float) -> None:
-        self.run._update_config(status=status, seconds=round(time.time() - started, 3))
+        write_config(self.run.dir, status=status, seconds=round(time.time() - started, 3))
 
 
 def _status_of(error: BaseException) -> str:
@@ -468,13 +468,13 @@ def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: flo
         raise RuntimeError("a non-blocking launch is still running: run.wait() or run.stop() it first")
     name = name or getattr(fn, "__name__", "run").strip("<>")
     run_dir = new_run_dir(name, runs_root)
-    _write_json(run_dir / "config.json", {
-        "name": name, "function": f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', name)}",
-        "kwargs": {k: repr(v) for k, v in kwargs.items()}, "world_size": world_size,
-        "backend": placement.backend, "devices": list(placement.devices), "placement": placement.summary,
-        "threads": threads, "torch": torch.__version__, "host": socket.gethostname(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "status": "running",
-    })
+    write_config(
+        run_dir, name=name, function=f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', name)}",
+        kwargs={k: repr(v) for k, v in kwargs.items()}, world_size=world_size, backend=placement.backend,
+        devices=list(placement.devices), placement=placement.summary, threads=threads,
+        torch=torch.__version__, host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        status="running",
+    )
     run = Run(run_dir)
     print(f"distlab: {world_size} rank(s) · {placement.summary} · {threads} torch thread(s) each · "
           f"run folder {run_dir}", flush=True)

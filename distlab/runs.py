@@ -26,11 +26,23 @@ RUNS_ROOT_ENV = "DISTLAB_RUNS"
 
 
 def new_run_dir(name: str, root: str | os.PathLike | None = None) -> Path:
+    """A new, empty run folder under `root` (default: $DISTLAB_RUNS, else ./runs)."""
     root = Path(root or os.environ.get(RUNS_ROOT_ENV, "runs"))
-    path = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}"
+    return make_run_dir(root / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}")
+
+
+def make_run_dir(path: str | os.PathLike) -> Path:
+    path = Path(path).resolve()
     for sub in ("metrics", "comm", "logs", "results"):
-        (path / sub).mkdir(parents=True)
-    return path.resolve()
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_config(run_dir: str | os.PathLike, **fields) -> None:
+    """Create or update config.json (atomically: a reader never sees half a file)."""
+    path = Path(run_dir) / "config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    _write_json(path, {**config, **fields})
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -63,9 +75,6 @@ class Run:
     @property
     def config(self) -> dict:
         return json.loads((self.dir / "config.json").read_text())
-
-    def _update_config(self, **changes) -> None:
-        _write_json(self.dir / "config.json", {**self.config, **changes})
 
     @property
     def world_size(self) -> int:
@@ -121,7 +130,7 @@ class Run:
         path = self.dir / "progress.json"
         return json.loads(path.read_text())["total_steps"] if path.exists() else None
 
-    def wait(self) -> "Run":
+    def wait(self) -> Run:
         """Block until the ranks finish; raises what a blocking launch would have raised."""
         if self._job is not None:
             self._job.wait()

@@ -1,0 +1,51 @@
+import os
+import time
+
+import psutil
+import pytest
+
+import distlab as dl
+
+
+@pytest.fixture(autouse=True)
+def runs_root(tmp_path, monkeypatch):
+    """Each test's run folders go to its own temp dir."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("DISTLAB_RUNS", str(root))
+    return root
+
+
+def rank_processes() -> list[psutil.Process]:
+    """distlab ranks started by this test process (still alive)."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "distlab.worker" in " ".join(proc.cmdline()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def gone(pids, within: float = 5.0) -> bool:
+    """True once none of pids exists (zombies count as gone), waiting at most `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def no_ranks_left():
+    """Assert after the test that it left no rank process behind."""
+    yield
+    leftover = rank_processes()
+    assert not leftover, f"ranks left running: {[p.pid for p in leftover]}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    dl.shutdown()
+    os.environ.pop("DISTLAB_RUNS", None)

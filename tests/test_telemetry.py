@@ -1,0 +1,77 @@
+"""Telemetry: gradient norms, drift, and the bytes that communication moves, counted per rank."""
+
+import math
+
+import torch
+from torch import nn
+
+import distlab as dl
+from distlab.telemetry import grad_norms
+from rank_fns import train_digits
+
+MLP_PARAMS = 64 * 32 + 32 + 32 * 10 + 10  # dl.models.mlp(64, 32, 10)
+
+
+def test_grad_norms_are_per_layer_l2_norms():
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 2.0)
+    norms = grad_norms(model)
+    assert set(norms) == {"grad/0", "grad/2"}
+    assert math.isclose(norms["grad/0"], 2.0 * math.sqrt(3 * 2 + 2), rel_tol=1e-6)  # weight and bias of layer 0
+    assert math.isclose(norms["grad/2"], 2.0 * math.sqrt(2 + 1), rel_tol=1e-6)
+
+
+def test_drift_is_each_rank_distance_to_the_mean_of_the_replicas():
+    def fn(ctx):
+        model = nn.Linear(4, 1, bias=False)  # 4 parameters, all set to the rank number
+        nn.init.constant_(model.weight, float(ctx.rank))
+        return ctx.drift(model)
+
+    drifts = dl.launch(fn, world_size=4).results
+    mean = 1.5
+    assert [round(d, 5) for d in drifts] == [round(abs(r - mean) * 2, 5) for r in range(4)]  # sqrt(4) = 2
+
+
+def test_ddp_hook_counts_every_gradient_byte_and_drift_is_counted_apart():
+    run = dl.launch(train_digits, world_size=2, steps=20, drift_every=5)
+    assert run.results == [MLP_PARAMS] * 2
+    metrics, comm = run.metrics, run.comm
+    assert (metrics["comm_bytes"] == 4 * MLP_PARAMS).all()  # one float32 all-reduce of all gradients per step
+    drift_steps = metrics[metrics["step"] % 5 == 0]
+    assert (drift_steps["overhead_bytes"] == 4 * MLP_PARAMS).all() and drift_steps["drift"].notna().all()
+    assert (metrics[metrics["step"] % 5 != 0]["overhead_bytes"] == 0).all()
+    assert set(comm["tag"]) == {"ddp", "telemetry"} and (comm["seconds"] > 0).all()
+    assert comm[comm["tag"] == "ddp"].groupby("rank")["bytes"].sum().tolist() == [20 * 4 * MLP_PARAMS] * 2
+    layers = {c for c in metrics.columns if c.startswith("grad/")}
+    assert layers == {"grad/0", "grad/2"} and (metrics[sorted(layers)] > 0).all().all()
+
+
+def test_replicas_stay_together_with_ddp_and_drift_apart_without_it():
+    """The claim notebook 00 teaches: no communication, no consistency."""
+    synced = dl.launch(train_digits, world_size=4, steps=60, sync=True).metrics
+    alone = dl.launch(train_digits, world_size=4, steps=60, sync=False).metrics
+    synced_drift = synced.groupby("step")["drift"].mean().dropna()
+    alone_drift = alone.groupby("step")["drift"].mean().dropna()
+    assert synced_drift.max() < 1e-5
+    assert alone_drift.iloc[-1] > 0.1 and alone_drift.is_monotonic_increasing
+    assert (alone["comm_bytes"] == 0).all()
+
+
+def test_comm_wrappers_record_payload_bytes_per_op():
+    def fn(ctx):
+        t = torch.zeros(10)  # 40 bytes
+        ctx.comm.all_reduce(t)
+        ctx.comm.broadcast(t, src=0)
+        ctx.comm.all_gather(t)
+        if ctx.rank == 0:
+            ctx.comm.send(t, dst=1)
+        else:
+            ctx.comm.recv(t, src=0)
+        ctx.comm.barrier()
+        ctx.log(step=0)
+
+    run = dl.launch(fn, world_size=2)
+    per_op = run.comm[run.comm["rank"] == 1].set_index("op")["bytes"].to_dict()
+    assert per_op == {"all_reduce": 40, "broadcast": 40, "all_gather": 40, "recv": 40, "barrier": 0}
+    assert run.metrics.set_index("rank")["comm_bytes"].to_dict() == {0: 160, 1: 160}
