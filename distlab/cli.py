@@ -61,6 +61,7 @@ def run_under_torchrun(fn, kwargs: dict, runs_root: str | None) -> None:
     ctx = Context(rank, world_size, device, backend, run_dir, local_rank=local_rank)
     dist.barrier()
     result = fn(ctx, **kwargs)
+    ctx.finish()
     save_result(run_dir, rank, result)
     ctx.close()
     dist.barrier()

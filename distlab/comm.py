@@ -46,6 +46,12 @@ class Comm:
         self._timed("all_reduce", tensor, lambda: dist.all_reduce(tensor, op=op), tag)
         return tensor
 
+    def all_reduce_async(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, tag: str = "train") -> "Pending":
+        """Start an all-reduce and return at once; `.wait()` on the handle finishes and records it."""
+        start = time.perf_counter()
+        work = dist.all_reduce(tensor, op=op, async_op=True)
+        return Pending(work, lambda: self._record("all_reduce", nbytes(tensor), time.perf_counter() - start, tag))
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0, tag: str = "train") -> torch.Tensor:
         self._timed("broadcast", tensor, lambda: dist.broadcast(tensor, src=src), tag)
         return tensor
@@ -64,6 +70,17 @@ class Comm:
 
     def barrier(self, tag: str = "train") -> None:
         self._timed("barrier", None, dist.barrier, tag)
+
+
+class Pending:
+    """An operation in flight; its seconds run from issue to the end of wait()."""
+
+    def __init__(self, work, on_done: Callable[[], None]):
+        self._work, self._on_done = work, on_done
+
+    def wait(self) -> None:
+        self._work.wait()
+        self._on_done()
 
 
 def ddp_comm_hook(record: Record):

@@ -27,6 +27,7 @@ class Context:
         self.comm = Comm(self._telemetry.record_comm)
         self._watched: nn.Module | None = None
         self._drift_every = 0
+        self._drift: tuple[int, telemetry.Drift] | None = None  # (step measured, in flight)
 
     def __repr__(self) -> str:
         return f"Context(rank={self.rank}, world_size={self.world_size}, device={self.device}, backend={self.backend})"
@@ -34,13 +35,18 @@ class Context:
     def log(self, **scalars) -> None:
         """Record one row of scalars (e.g. step=3, loss=0.5); streamed to the notebook while running.
 
-        With a watched model and a `step`, the row also gets per-layer gradient norms and, every
-        `drift_every` steps, the drift (a collective: every rank must log the same steps).
+        With a watched model and a `step`, the row also gets per-layer gradient norms, and every
+        `drift_every` steps the drift is measured (a collective: every rank must log the same steps).
+        Its all-reduce overlaps the next step, so the drift of step s arrives in the next row, as
+        `drift` with `drift_step` = s.
         """
         if self._watched is not None and "step" in scalars:
             scalars.update(telemetry.grad_norms(self._watched))
+            if self._drift is not None:
+                scalars["drift_step"], scalars["drift"] = self._drift[0], self._drift[1].value()
+                self._drift = None
             if self._drift_every and scalars["step"] % self._drift_every == 0:
-                scalars["drift"] = self.drift(self._watched)
+                self._drift = (scalars["step"], telemetry.Drift(self._watched, self.comm))
         self._telemetry.log(scalars)
 
     def watch(self, model: nn.Module, drift_every: int = 10) -> nn.Module:
@@ -54,12 +60,19 @@ class Context:
 
     def drift(self, model: nn.Module) -> float:
         """Distance of this rank's parameters to the replicas' mean; its all-reduce counts as overhead."""
-        return telemetry.drift(model, self.comm)
+        return telemetry.Drift(model, self.comm).value()
 
     def set_total(self, steps: int) -> None:
         """Tell the progress bar how many steps to expect."""
         if self.rank == 0:
             (self.run_dir / "progress.json").write_text(json.dumps({"total_steps": int(steps)}))
+
+    def finish(self) -> None:
+        """After the function returned on every rank: log the drift still in flight, if any."""
+        if self._drift is not None:
+            step, drift = self._drift
+            self._drift = None
+            self._telemetry.log({"drift_step": step, "drift": drift.value()})
 
     def close(self) -> None:
         self._telemetry.close()

@@ -90,10 +90,19 @@ def grad_norms(model: nn.Module) -> dict[str, float]:
     return {layer: math.sqrt(square) for layer, square in layers.items()}
 
 
-def drift(model: nn.Module, comm: Comm) -> float:
-    """This rank's L2 distance to the mean of all replicas' parameters (a collective: every rank calls it)."""
-    flat = torch.nn.utils.parameters_to_vector(p.detach() for p in _unwrap(model).parameters())
-    mean = flat.clone()
-    comm.all_reduce(mean, tag="telemetry")
-    mean /= torch.distributed.get_world_size()
-    return (flat - mean).norm().item()
+class Drift:
+    """This rank's L2 distance to the mean of all replicas' parameters, measured without stalling.
+
+    The all-reduce of the parameters starts at once and runs while training goes on; `value()` waits
+    for it. It is a collective: every rank must measure at the same point. Its traffic is overhead.
+    """
+
+    def __init__(self, model: nn.Module, comm: Comm):
+        params = [p.detach() for p in _unwrap(model).parameters()]
+        self._flat = torch.nn.utils.parameters_to_vector(params).clone()
+        self._sum = self._flat.clone()
+        self._pending = comm.all_reduce_async(self._sum, tag="telemetry")
+
+    def value(self) -> float:
+        self._pending.wait()
+        return (self._flat - self._sum / torch.distributed.get_world_size()).norm().item()

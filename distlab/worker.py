@@ -87,7 +87,9 @@ def run_job(args, device: torch.device, job: tuple) -> tuple:
     try:
         fn, kwargs = cloudpickle.loads(payload)
         dist.barrier()
-        save_result(run_dir, args.rank, fn(ctx, **kwargs))
+        result = fn(ctx, **kwargs)
+        ctx.finish()
+        save_result(run_dir, args.rank, result)
         return ("done", args.rank)
     except BaseException as error:
         frames = error.__traceback__.tb_next  # start at the user's function, not at this one

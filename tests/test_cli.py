@@ -31,5 +31,6 @@ def test_under_torchrun_the_process_is_a_rank(tmp_path):
     (folder,) = tmp_path.iterdir()
     run = dl.load_run(folder)
     assert run.status == "ok" and run.config["launcher"] == "torchrun"
-    assert len(run.results) == 2 and len(run.metrics) == 10
-    assert (run.metrics["comm_bytes"] > 0).all()  # DDP under torchrun, counted by the same hook
+    steps = run.metrics.dropna(subset=["step"])
+    assert len(run.results) == 2 and len(steps) == 10
+    assert (steps["comm_bytes"] > 0).all()  # DDP under torchrun, counted by the same hook

@@ -46,7 +46,8 @@ def training_traces(metrics: pd.DataFrame) -> dict[str, list[go.Scatter]]:
             traces["loss"].append(go.Scatter(x=_x(loss), y=loss["loss"], name=f"rank {rank}", **style))
         if "drift" in rows:
             drift = rows.dropna(subset=["drift"])
-            traces["drift"].append(go.Scatter(x=_x(drift), y=drift["drift"], name=f"rank {rank}",
+            at = drift["drift_step"] if "drift_step" in drift else _x(drift)  # the step it was measured at
+            traces["drift"].append(go.Scatter(x=at, y=drift["drift"], name=f"rank {rank}",
                                               mode="lines+markers", showlegend=False, **style))
         if "comm_bytes" in rows and rows["comm_bytes"].any():
             traces["bytes"].append(go.Scatter(x=_x(rows), y=rows["comm_bytes"], name=f"rank {rank}",
