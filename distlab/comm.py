@@ -46,7 +46,7 @@ class Comm:
         self._timed("all_reduce", tensor, lambda: dist.all_reduce(tensor, op=op), tag)
         return tensor
 
-    def all_reduce_async(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, tag: str = "train") -> "Pending":
+    def all_reduce_async(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, tag: str = "train") -> Pending:
         """Start an all-reduce and return at once; `.wait()` on the handle finishes and records it."""
         start = time.perf_counter()
         work = dist.all_reduce(tensor, op=op, async_op=True)
