@@ -2,7 +2,8 @@
 
 from . import data, models
 from .context import Context
-from .launch import LaunchTimeout, RankFailure, launch, place, shutdown
+from .launch import LaunchTimeout, RankFailure, launch, shutdown
+from .ranks import place
 from .runs import Run, load_run
 
 __all__ = ["data", "models", "Context", "LaunchTimeout", "RankFailure", "Run", "launch", "load_run", "place", "shutdown"]

@@ -1,8 +1,9 @@
 """dl.launch: run a function on N real processes from a notebook cell and get its results back.
 
-The ranks are spawned (never forked), each leading its own process group so that stopping one also
-stops what it started. They stay warm between launches of the same shape; a job is the function,
-cloudpickled, sent down a pipe. This module is the launcher's side; worker.py is the rank's side.
+A launch is a job: the function, cloudpickled, sent to warm ranks (ranks.py) that stay alive between
+launches of the same shape. The job waits for every rank's reply while it prints their output and
+refreshes the dashboard; on any failure, timeout or interrupt it kills the ranks, so the next launch
+starts clean. worker.py is the rank's side.
 """
 
 from __future__ import annotations
@@ -13,26 +14,22 @@ import io
 import linecache
 import os
 import queue
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 import types
-from collections import ChainMap, deque
+from collections import ChainMap
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing import Pipe
 from multiprocessing.connection import wait as wait_any
 
 import cloudpickle
 import torch
 
+from .ranks import RankPool, default_threads, place
 from .runs import Run, new_run_dir, write_config
 
-JOB_END = "\x00distlab-job-end"  # a rank writes it on stdout and stderr after each job: "all output is in"
-BACKENDS = ("auto", "gloo", "nccl")
 START_TIMEOUT = float(os.environ.get("DISTLAB_START_TIMEOUT", "300"))  # cold start: python + import torch
 FAILURE_GRACE = 0.5  # after a first failure, how long to collect other ranks' reports before choosing the root
 POLL = 0.05
@@ -58,134 +55,7 @@ class _Stopped(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Placement:
-    backend: str
-    devices: tuple[str, ...]
-    summary: str
-
-
-def place(world_size: int, backend: str = "auto") -> Placement:
-    """Which backend and device each rank gets: one GPU per rank (NCCL) when there are enough,
-    ranks sharing the GPUs over gloo when there are fewer, CPU over gloo otherwise."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if backend == "nccl" and gpus < world_size:
-        raise ValueError(
-            f"backend='nccl' needs one GPU per rank: {world_size} ranks, {gpus} GPU(s) here. "
-            "Use backend='auto' (gloo on CPU, or ranks sharing GPUs) or a smaller world_size."
-        )
-    if gpus >= world_size and backend != "gloo":
-        return Placement("nccl", tuple(f"cuda:{r}" for r in range(world_size)), "one GPU per rank, NCCL")
-    if gpus:
-        devices = tuple(f"cuda:{r % gpus}" for r in range(world_size))
-        return Placement("gloo", devices, f"{world_size} ranks sharing {gpus} GPU(s) over gloo")
-    return Placement("gloo", ("cpu",) * world_size, "CPU, gloo")
-
-
-def default_threads(world_size: int) -> int:
-    """torch intra-op threads per rank: the cores shared out; oversubscription makes small CPUs crawl."""
-    return max(1, len(os.sched_getaffinity(0)) // world_size)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_environment(threads: int) -> dict:
-    env = dict(os.environ)
-    # Whatever the launcher can import (the notebook's folder, the tests), the ranks can too.
-    paths = [os.getcwd() if p == "" else p for p in sys.path]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    env["PYTHONUNBUFFERED"] = "1"
-    env["OMP_NUM_THREADS"] = str(threads)
-    return env
-
-
-class _Pool:
-    """N warm ranks that share one process group, with their pipes and output readers."""
-
-    def __init__(self, world_size: int, placement: Placement, threads: int):
-        self.key = (world_size, placement, threads)
-        self.world_size = world_size
-        self.output: queue.Queue = queue.Queue()  # (rank, stream name, line or None for JOB_END)
-        self.stderr_tail = [deque(maxlen=40) for _ in range(world_size)]
-        self.procs: list[subprocess.Popen] = []
-        self.commands, self.reports, self._readers = [], [], []
-        env = _rank_environment(threads)
-        master = [f"--master-addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}", f"--master-port={_free_port()}"]
-        for rank in range(world_size):
-            cmd_read, cmd_write = Pipe(duplex=False)
-            report_read, report_write = Pipe(duplex=False)
-            argv = [sys.executable, "-m", "distlab.worker", f"--rank={rank}", f"--world-size={world_size}",
-                    *master, f"--backend={placement.backend}", f"--device={placement.devices[rank]}",
-                    f"--threads={threads}", f"--cmd-fd={cmd_read.fileno()}", f"--report-fd={report_write.fileno()}"]
-            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    pass_fds=(cmd_read.fileno(), report_write.fileno()), start_new_session=True)
-            cmd_read.close()
-            report_write.close()
-            self.procs.append(proc)
-            self.commands.append(cmd_write)
-            self.reports.append(report_read)
-            for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-                reader = threading.Thread(target=self._read, args=(rank, name, stream), daemon=True)
-                reader.start()
-                self._readers.append(reader)
-
-    def _read(self, rank: int, name: str, stream) -> None:
-        for raw in iter(stream.readline, b""):
-            line = raw.decode(errors="replace").rstrip("\n")
-            if name == "stderr" and line != JOB_END:
-                self.stderr_tail[rank].append(line)
-            self.output.put((rank, name, None if line == JOB_END else line))
-        stream.close()
-
-    def alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
-
-    def exit_description(self, rank: int) -> str:
-        code = self.procs[rank].wait(timeout=5)
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-        tail = "\n".join(self.stderr_tail[rank]) or "(nothing on stderr)"
-        return f"the process {how}. Last lines of its stderr:\n{tail}"
-
-    def kill(self) -> None:
-        """SIGKILL every rank's process group (the rank and whatever it started), then reap."""
-        for proc in self.procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self._reap()
-
-    def close(self, grace: float = 3.0) -> None:
-        """Ask the ranks to exit, kill whatever has not within `grace` seconds."""
-        for conn in self.commands:
-            try:
-                conn.send(("exit",))
-            except OSError:
-                pass
-        deadline = time.monotonic() + grace
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-
-    def _reap(self) -> None:
-        for proc in self.procs:
-            proc.wait(timeout=10)
-        for conn in self.commands + self.reports:
-            conn.close()
-        for reader in self._readers:
-            reader.join(timeout=2)
-
-
-_pool: _Pool | None = None
+_pool: RankPool | None = None
 _active: _Job | None = None
 _lock = threading.Lock()
 
@@ -230,7 +100,7 @@ class _Job:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._logs = {}
-        self._pool: _Pool | None = None
+        self._pool: RankPool | None = None
         self._ends = 0  # JOB_END markers seen
 
     # -- the two ways to run it -------------------------------------------------------------
@@ -278,7 +148,7 @@ class _Job:
             self._thread.join(15)
 
     # -- steps ------------------------------------------------------------------------------
-    def _acquire_pool(self) -> _Pool:
+    def _acquire_pool(self) -> RankPool:
         global _pool
         with _lock:
             if _pool is not None and (self.fresh or _pool.key != self.spec or not _pool.alive()):
@@ -288,12 +158,12 @@ class _Job:
                 self._pool = _pool
                 return _pool
             print(f"distlab: starting {self.spec[0]} ranks (python + import torch)...", flush=True)
-            _pool = _Pool(*self.spec)
+            _pool = RankPool(*self.spec)
             self._pool = _pool
         self._await_ready(self._pool)
         return self._pool
 
-    def _await_ready(self, pool: _Pool) -> None:
+    def _await_ready(self, pool: RankPool) -> None:
         pending = set(range(pool.world_size))
         deadline = time.monotonic() + START_TIMEOUT
         while pending:
@@ -312,12 +182,12 @@ class _Job:
             if time.monotonic() > deadline:
                 raise LaunchTimeout(f"ranks {sorted(pending)} did not start within {START_TIMEOUT:.0f}s", self.run)
 
-    def _dispatch(self, pool: _Pool) -> None:
+    def _dispatch(self, pool: RankPool) -> None:
         job = ("job", self.payload, str(self.run.dir), _interactive_sources())
         for conn in pool.commands:
             conn.send(job)
 
-    def _collect(self, pool: _Pool) -> None:
+    def _collect(self, pool: RankPool) -> None:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         pending, failures, first_failure = set(range(pool.world_size)), [], None
         while pending:
@@ -349,7 +219,7 @@ class _Job:
                     f"stopped. Their output so far is in run.logs() ({self.run.dir}).", self.run)
         self._drain_job_output(pool)
 
-    def _drain_job_output(self, pool: _Pool, limit: float = 5.0) -> None:
+    def _drain_job_output(self, pool: RankPool, limit: float = 5.0) -> None:
         """Each rank writes JOB_END on stdout and stderr after its job: wait for all of them."""
         deadline = time.monotonic() + limit
         while self._ends < 2 * pool.world_size and time.monotonic() < deadline:
@@ -359,7 +229,7 @@ class _Job:
         if self._stopping.is_set():
             raise _Stopped("stopped by run.stop()")
 
-    def _pump(self, pool: _Pool, wait: float = 0.0) -> None:
+    def _pump(self, pool: RankPool, wait: float = 0.0) -> None:
         """Print the ranks' new output lines with their rank, append them to the run's logs, refresh the monitor."""
         try:
             item = pool.output.get(timeout=wait) if wait else pool.output.get_nowait()

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .context import Context
-from .launch import JOB_END
+from .ranks import JOB_END
 from .runs import save_result
 
 COMM_ERROR_HINTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket closed")

@@ -1,0 +1,152 @@
+"""The warm ranks: N spawned `python -m distlab.worker` processes sharing one process group.
+
+Each rank leads its own process group (so killing it kills what it started), reads commands from a
+pipe only this process holds (so it ends itself when we die), and reports on another. Its stdout and
+stderr are read line by line by threads into one queue, for the launcher to print and log.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing import Pipe
+
+import torch
+
+JOB_END = "\x00distlab-job-end"  # a rank writes it on stdout and stderr after each job: "all output is in"
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class Placement:
+    backend: str
+    devices: tuple[str, ...]
+    summary: str
+
+
+def place(world_size: int, backend: str = "auto") -> Placement:
+    """Which backend and device each rank gets: one GPU per rank (NCCL) when there are enough,
+    ranks sharing the GPUs over gloo when there are fewer, CPU over gloo otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend == "nccl" and gpus < world_size:
+        raise ValueError(
+            f"backend='nccl' needs one GPU per rank: {world_size} ranks, {gpus} GPU(s) here. "
+            "Use backend='auto' (gloo on CPU, or ranks sharing GPUs) or a smaller world_size."
+        )
+    if gpus >= world_size and backend != "gloo":
+        return Placement("nccl", tuple(f"cuda:{r}" for r in range(world_size)), "one GPU per rank, NCCL")
+    if gpus:
+        devices = tuple(f"cuda:{r % gpus}" for r in range(world_size))
+        return Placement("gloo", devices, f"{world_size} ranks sharing {gpus} GPU(s) over gloo")
+    return Placement("gloo", ("cpu",) * world_size, "CPU, gloo")
+
+
+def default_threads(world_size: int) -> int:
+    """torch intra-op threads per rank: the cores shared out; oversubscription makes small CPUs crawl."""
+    return max(1, len(os.sched_getaffinity(0)) // world_size)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_environment(threads: int) -> dict:
+    env = dict(os.environ)
+    # Whatever the launcher can import (the notebook's folder, the tests), the ranks can too.
+    paths = [os.getcwd() if p == "" else p for p in sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+class RankPool:
+    """N warm ranks that share one process group, with their pipes and output readers."""
+
+    def __init__(self, world_size: int, placement: Placement, threads: int):
+        self.key = (world_size, placement, threads)
+        self.world_size = world_size
+        self.output: queue.Queue = queue.Queue()  # (rank, stream name, line or None for JOB_END)
+        self.stderr_tail = [deque(maxlen=40) for _ in range(world_size)]
+        self.procs: list[subprocess.Popen] = []
+        self.commands, self.reports, self._readers = [], [], []
+        env = _rank_environment(threads)
+        master = [f"--master-addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}", f"--master-port={_free_port()}"]
+        for rank in range(world_size):
+            cmd_read, cmd_write = Pipe(duplex=False)
+            report_read, report_write = Pipe(duplex=False)
+            argv = [sys.executable, "-m", "distlab.worker", f"--rank={rank}", f"--world-size={world_size}",
+                    *master, f"--backend={placement.backend}", f"--device={placement.devices[rank]}",
+                    f"--threads={threads}", f"--cmd-fd={cmd_read.fileno()}", f"--report-fd={report_write.fileno()}"]
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    pass_fds=(cmd_read.fileno(), report_write.fileno()), start_new_session=True)
+            cmd_read.close()
+            report_write.close()
+            self.procs.append(proc)
+            self.commands.append(cmd_write)
+            self.reports.append(report_read)
+            for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+                reader = threading.Thread(target=self._read, args=(rank, name, stream), daemon=True)
+                reader.start()
+                self._readers.append(reader)
+
+    def _read(self, rank: int, name: str, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            if name == "stderr" and line != JOB_END:
+                self.stderr_tail[rank].append(line)
+            self.output.put((rank, name, None if line == JOB_END else line))
+        stream.close()
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def exit_description(self, rank: int) -> str:
+        code = self.procs[rank].wait(timeout=5)
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        tail = "\n".join(self.stderr_tail[rank]) or "(nothing on stderr)"
+        return f"the process {how}. Last lines of its stderr:\n{tail}"
+
+    def kill(self) -> None:
+        """SIGKILL every rank's process group (the rank and whatever it started), then reap."""
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._reap()
+
+    def close(self, grace: float = 3.0) -> None:
+        """Ask the ranks to exit, kill whatever has not within `grace` seconds."""
+        for conn in self.commands:
+            try:
+                conn.send(("exit",))
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def _reap(self) -> None:
+        for proc in self.procs:
+            proc.wait(timeout=10)
+        for conn in self.commands + self.reports:
+            conn.close()
+        for reader in self._readers:
+            reader.join(timeout=2)
