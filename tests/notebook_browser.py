@@ -96,13 +96,17 @@ def _kernelspec(data_dir: Path) -> Path:
 
 
 def _errors(nb: nbformat.NotebookNode) -> list[dict]:
-    """Error outputs of a notebook, with the last few traceback lines (ANSI colours stripped)."""
+    """Error outputs of a notebook, also those kept in Output widgets' saved state (nbclient records them)."""
+    where = {out.data[WIDGET_MIME]["model_id"]: i for i, cell in enumerate(nb.cells)
+             for out in cell.get("outputs", []) if WIDGET_MIME in out.get("data", {})}
+    state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    outputs = [(i, out) for i, cell in enumerate(nb.cells) for out in cell.get("outputs", [])]
+    outputs += [(where.get(mid, "?"), out) for mid, m in state.items() for out in m["state"].get("outputs", [])]
     found = []
-    for i, cell in enumerate(nb.cells):
-        for out in cell.get("outputs", []):
-            if out.output_type == "error":
-                tb = [ln for ln in ANSI.sub("", "\n".join(out.traceback)).splitlines() if ln.strip()]
-                found.append({"cell": i, "ename": out.ename, "evalue": out.evalue[:300], "traceback": tb[-6:]})
+    for i, out in outputs:
+        if out["output_type"] == "error":
+            tb = [ln for ln in ANSI.sub("", "\n".join(out["traceback"])).splitlines() if ln.strip()]
+            found.append({"cell": i, "ename": out["ename"], "evalue": out["evalue"][:300], "traceback": tb[-6:]})
     return found
 
 
@@ -120,16 +124,16 @@ def _reap(tag: str) -> None:
 def run_headless(path: Path, timeout: float = 600) -> NotebookReport:
     """Execute a notebook with nbclient (no browser): catches errors, cannot see rendering."""
     from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
     from nbclient import NotebookClient
 
     start, tag = time.monotonic(), secrets.token_hex(8)
     report = NotebookReport(str(path), "headless")
-    with tempfile.TemporaryDirectory(prefix="nbtest_") as t:
+    with tempfile.TemporaryDirectory(prefix="nbtest_", ignore_cleanup_errors=True) as t:
         tmp = Path(t)
         copy = _working_copy(path, tmp)
-        km = KernelManager(kernel_name="python3",
-                           kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(_kernelspec(tmp / "data"))]))
+        km = AsyncKernelManager(kernel_name="python3",
+                                kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(_kernelspec(tmp / "data"))]))
         nb = nbformat.read(copy, as_version=4)
         env = dict(os.environ, DISTLAB_RUNS=str(tmp / "runs"), IPYTHONDIR=str(tmp / "ipython"), **{MARKER: tag})
         client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=True,
@@ -156,7 +160,9 @@ JS_STATE = """() => {
   const k = w.sessionContext.session && w.sessionContext.session.kernel;
   const code = w.content.widgets.filter(c => c.model.type === 'code' && c.model.sharedModel.getSource().trim());
   const outs = c => Array.from({length: c.model.outputs.length}, (_, i) => c.model.outputs.get(i).type);
-  return {kernel: k ? k.status : null, total: code.length,
+  const died = (window.__statuses || []).some(s => ['dead', 'autorestarting', 'restarting'].includes(s));
+  const dialog = document.querySelector('.jp-Dialog');
+  return {kernel: k ? k.status : null, total: code.length, died: died, dialog: dialog && dialog.innerText,
           ran: code.filter(c => c.model.executionCount !== null && c.model.executionState !== 'running').length,
           errored: code.some(c => outs(c).includes('error'))};
 }"""
@@ -171,10 +177,12 @@ JS_FACTS = """() => window.jupyterapp.shell.currentWidget.content.widgets.map(c 
     return {mime: out ? out.getAttribute('data-mime-type') || '' : null, text: (n.innerText || '').slice(0, 300),
             widget: !!n.querySelector('.jupyter-widgets') || (!!out && Array.from(out.querySelectorAll('*')).some(big)),
             plots: plots.filter(p => p.querySelector('svg.main-svg') && big(p)).length, divs: plots.length,
-            nested: nested.map(e => e.innerText).filter(t => t.includes('Traceback')).map(t => t.slice(0, 300))};
+            nested: nested.map(e => e.innerText).filter(t => t.includes('Traceback')).map(t => t.slice(-600))};
   }))"""
-JS_HEIGHT = """() => { const o = document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer');
-  return o ? o.scrollHeight - o.clientHeight : 0; }"""
+JS_RECORD_STATUS = """() => { window.__statuses = [];  // a dead kernel restarts fast: keep its history
+  window.jupyterapp.shell.currentWidget.sessionContext.statusChanged.connect((_, s) => window.__statuses.push(s)); }"""
+JS_OVERFLOW = """() => { const o = document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer');
+  if (!o) return 0; o.scrollTop = 0; return o.scrollHeight - o.clientHeight; }"""  # also scrolls to the top
 
 
 def _api(base: str, token: str, method: str, route: str) -> object:
@@ -186,11 +194,11 @@ def _api(base: str, token: str, method: str, route: str) -> object:
 
 def _start_lab(tmp: Path, root: Path, token: str, tag: str) -> tuple[subprocess.Popen, str]:
     """Start JupyterLab on a free localhost port with throw-away dirs; wait until it answers."""
-    settings = {"@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},  # draw every cell
+    settings = {"@jupyterlab/notebook-extension/tracker": {"windowingMode": "none", "scrollPastEnd": False},
                 "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False}}
-    for plugin, values in settings.items():
-        (tmp / "settings" / f"{plugin}.jupyterlab-settings").parent.mkdir(parents=True, exist_ok=True)
-        (tmp / "settings" / f"{plugin}.jupyterlab-settings").write_text(json.dumps(values))
+    for plugin, values in settings.items():  # draw every cell; no news or update toasts over the screenshot
+        (file := tmp / "settings" / f"{plugin}.jupyterlab-settings").parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(values))
     data = _kernelspec(tmp / "data").parent
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
                JUPYTER_DATA_DIR=str(data), JUPYTER_PATH=str(data), JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
@@ -204,18 +212,24 @@ def _start_lab(tmp: Path, root: Path, token: str, tag: str) -> tuple[subprocess.
            "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=",
            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     cmd += ["--allow-root"] if os.geteuid() == 0 else []
-    log = open(tmp / "server.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp / "server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            spec = _api(base, token, "GET", "/api/kernelspecs")["kernelspecs"]["python3"]["spec"]
-            assert spec["argv"][0] == sys.executable, f"kernel would run {spec['argv'][0]}, not {sys.executable}"
-            return proc, base
-        except OSError:
-            time.sleep(0.3)
-    _stop_lab(proc, base, token)
-    raise RuntimeError("JupyterLab did not start:\n" + (tmp / "server.log").read_text(errors="replace")[-2000:])
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                argv = _api(base, token, "GET", "/api/kernelspecs")["kernelspecs"]["python3"]["spec"]["argv"]
+                break
+            except OSError:
+                time.sleep(0.3)
+        else:
+            raise RuntimeError("JupyterLab did not start:\n" + (tmp / "server.log").read_text(errors="replace")[-2000:])
+        if argv[0] != sys.executable:  # the kernel must be this interpreter, not some other python3
+            raise RuntimeError(f"JupyterLab's python3 kernel runs {argv[0]}, not {sys.executable}")
+        return proc, base
+    except BaseException:
+        _stop_lab(proc, base, token)
+        raise
 
 
 def _stop_lab(proc: subprocess.Popen, base: str, token: str) -> None:
@@ -224,7 +238,7 @@ def _stop_lab(proc: subprocess.Popen, base: str, token: str) -> None:
         try:
             for k in _api(base, token, "GET", "/api/kernels"):
                 _api(base, token, "DELETE", f"/api/kernels/{k['id']}")
-        except OSError:
+        except Exception:  # best effort: the server shuts its kernels down on SIGTERM too
             pass
         proc.terminate()
         try:
@@ -239,8 +253,11 @@ def _wait_until_done(page, timeout: float, report: NotebookReport) -> None:
     deadline, stable, st = time.monotonic() + timeout, 0, None
     while time.monotonic() < deadline:
         st = page.evaluate(JS_STATE) or {}
-        if st.get("kernel") in ("dead", "restarting", "autorestarting"):
-            report.problems.append(f"the kernel died (status {st['kernel']})")
+        if st.get("died") or st.get("kernel") == "dead":
+            report.problems.append("the kernel died during Run All")
+        if st.get("dialog"):
+            report.problems.append("dialog: " + " ".join(st["dialog"].split())[:200])
+        if st.get("died") or st.get("dialog") or st.get("kernel") == "dead":
             return
         done = st.get("kernel") == "idle" and (st["ran"] == st["total"] or st["errored"])
         stable = stable + 1 if done else 0
@@ -279,6 +296,7 @@ def _drive(page, url: str, copy: Path, timeout: float, report: NotebookReport) -
     page.goto(url, timeout=120_000)
     page.wait_for_function(f"() => {{ const s = ({JS_STATE})(); return s && s.kernel === 'idle'; }}",
                            timeout=120_000, polling=500)
+    page.evaluate(JS_RECORD_STATUS)
     page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
     page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
     _wait_until_done(page, timeout, report)
@@ -299,8 +317,9 @@ def _drive(page, url: str, copy: Path, timeout: float, report: NotebookReport) -
 def _screenshot(page, path: Path) -> None:
     """Make the window as tall as the notebook (it scrolls inside the page) and save a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    page.set_viewport_size({"width": 1280, "height": min(900 + page.evaluate(JS_HEIGHT), 16000)})
+    page.set_viewport_size({"width": 1280, "height": min(900 + page.evaluate(JS_OVERFLOW), 16000)})
     time.sleep(1.0)  # plots re-layout to the new size
+    page.evaluate(JS_OVERFLOW)
     page.screenshot(path=str(path), full_page=True)
 
 
@@ -310,7 +329,7 @@ def run_in_browser(path: Path, timeout: float = 600, screenshot: Path | None = N
 
     start, tag, token = time.monotonic(), secrets.token_hex(8), secrets.token_hex(24)
     report = NotebookReport(str(path), "browser")
-    with tempfile.TemporaryDirectory(prefix="nbtest_") as t:
+    with tempfile.TemporaryDirectory(prefix="nbtest_", ignore_cleanup_errors=True) as t:
         tmp = Path(t)
         copy = _working_copy(path, tmp)
         proc, base = _start_lab(tmp, tmp / "work", token, tag)
@@ -325,8 +344,11 @@ def run_in_browser(path: Path, timeout: float = 600, screenshot: Path | None = N
                     except Exception as e:  # page never loaded, menu missing, ...: report it with a screenshot
                         report.problems.append(f"harness: {type(e).__name__}: {str(e)[:500]}")
                     if screenshot:
-                        _screenshot(page, screenshot)
-                        report.screenshot = screenshot
+                        try:
+                            _screenshot(page, screenshot)
+                            report.screenshot = screenshot
+                        except Exception as e:
+                            report.problems.append(f"screenshot failed: {type(e).__name__}: {str(e)[:300]}")
                 finally:
                     browser.close()
         finally:
