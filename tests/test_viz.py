@@ -15,8 +15,8 @@ def test_training_figure_draws_each_panel_from_the_metrics():
     rows = [{"rank": r, "step": s, "loss": 1.0 / (s + 1), "grad/0": 0.5, "drift": 0.1 if s == 0 else None,
              "comm_bytes": 100, "overhead_bytes": 8 if s == 0 else 0} for r in range(2) for s in range(3)]
     fig = training_figure(pd.DataFrame(rows))
-    assert {("x", "rank 0"), ("x", "rank 1"), ("x2", "0"), ("x3", "rank 0"), ("x4", "rank 1"),
-            ("x4", "telemetry overhead")} <= _traces_by_panel(fig)
+    assert {("x", "rank 0"), ("x", "rank 1"), ("x2", "layer 0"), ("x3", "rank 0"), ("x4", "rank 1"),
+            ("x4", "telemetry overhead (rank 0)")} <= _traces_by_panel(fig)
     loss = next(t for t in fig.data if t.xaxis == "x" and t.name == "rank 1")
     assert list(loss.y) == [1.0, 0.5, 1.0 / 3]
     assert not [a for a in fig.layout.annotations if "draws here" in a.text or "records" in a.text]

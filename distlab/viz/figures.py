@@ -11,8 +11,8 @@ from plotly.subplots import make_subplots
 PANELS = {
     "loss": (1, 1, "loss per rank", "loss"),
     "grad": (1, 2, "gradient norm per layer (rank 0)", "‖grad‖"),
-    "drift": (2, 1, "drift: distance to the mean of the replicas", "L2 distance"),
-    "bytes": (2, 2, "bytes communicated per logged step", "bytes"),
+    "drift": (2, 1, "drift from the replicas' mean", "L2 distance"),
+    "bytes": (2, 2, "bytes sent per step", "bytes"),
 }
 HINTS = {
     "loss": "ctx.log(step=..., loss=...) draws here",
@@ -55,11 +55,13 @@ def training_traces(metrics: pd.DataFrame) -> dict[str, list[go.Scatter]]:
     first = metrics[metrics["rank"] == metrics["rank"].min()]
     for i, column in enumerate(c for c in metrics.columns if c.startswith("grad/")):
         rows = first.dropna(subset=[column])
-        traces["grad"].append(go.Scatter(x=_x(rows), y=rows[column], name=column[5:],
+        traces["grad"].append(go.Scatter(x=_x(rows), y=rows[column], name=f"layer {column[5:]}",
                                          legendgroup="layers", line={"dash": "dot", "color": _colour(i + 5)}))
     if "overhead_bytes" in first and first["overhead_bytes"].any():
-        traces["bytes"].append(go.Scatter(x=_x(first), y=first["overhead_bytes"], name="telemetry overhead",
-                                          line={"dash": "dash", "color": "grey"}))
+        paid = first[first["overhead_bytes"] > 0]
+        at = paid["drift_step"] if "drift_step" in paid else _x(paid)
+        traces["bytes"].append(go.Scatter(x=at, y=paid["overhead_bytes"], name="telemetry overhead (rank 0)",
+                                          mode="markers", marker={"color": "grey", "symbol": "x"}))
     return traces
 
 
@@ -71,12 +73,13 @@ def training_figure(source) -> go.Figure:
     for name, (row, col, _, ylabel) in PANELS.items():
         for trace in traces[name]:
             fig.add_trace(trace, row=row, col=col)
-        fig.update_yaxes(title_text=ylabel, row=row, col=col)
+        fig.update_yaxes(title_text=ylabel, row=row, col=col, rangemode="tozero" if name != "loss" else "normal")
         fig.update_xaxes(title_text="step", row=row, col=col)
         if not traces[name]:
             fig.add_annotation(text=HINTS[name], showarrow=False, font={"color": "grey"},
                                xref=f"x{_axis(row, col)} domain", yref=f"y{_axis(row, col)} domain", x=0.5, y=0.5)
-    fig.update_layout(height=620, margin={"t": 40, "b": 40}, legend={"groupclick": "toggleitem"})
+    fig.update_layout(height=640, margin={"t": 40, "b": 40, "r": 20},
+                      legend={"orientation": "h", "y": -0.14, "groupclick": "toggleitem"})
     return fig
 
 
