@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -37,38 +37,47 @@ def _jsonable(value):
 
 
 class Telemetry:
-    """One rank's recorder. Comm records may arrive from a DDP callback thread, hence the lock."""
+    """One rank's recorder.
+
+    A comm record may come from DDP's callback thread in the middle of backward: it is only queued
+    there (deque appends are thread-safe) and written with the next metrics row, off the hot path.
+    """
 
     def __init__(self, run_dir: Path, rank: int):
         self.rank = rank
         for path in (metrics_file(run_dir, rank), comm_file(run_dir, rank)):
             path.parent.mkdir(parents=True, exist_ok=True)
         self._metrics = open(metrics_file(run_dir, rank), "a", buffering=1)  # line-buffered: flushed per row
-        self._comm = open(comm_file(run_dir, rank), "a", buffering=1)
-        self._lock = threading.Lock()
-        self._since_log = self._zero()
-
-    @staticmethod
-    def _zero() -> dict:
-        return {"comm_bytes": 0, "comm_seconds": 0.0, "overhead_bytes": 0, "overhead_seconds": 0.0}
+        self._comm = open(comm_file(run_dir, rank), "a")
+        self._queued: deque[tuple] = deque()
 
     def record_comm(self, op: str, payload: int, seconds: float, tag: str) -> None:
-        kind = "comm" if tag in TRAIN_TAGS else "overhead"
-        row = {"rank": self.rank, "t": time.time(), "op": op, "tag": tag, "bytes": payload, "seconds": seconds}
-        with self._lock:
-            self._since_log[f"{kind}_bytes"] += payload
-            self._since_log[f"{kind}_seconds"] += seconds
-            self._comm.write(json.dumps(row) + "\n")
+        self._queued.append((time.time(), op, tag, payload, seconds))
+
+    def _write_comm(self) -> dict:
+        """Write the queued comm records; return their totals, training traffic and overhead apart."""
+        totals = {"comm_bytes": 0, "comm_seconds": 0.0, "overhead_bytes": 0, "overhead_seconds": 0.0}
+        lines = []
+        while self._queued:
+            t, op, tag, payload, seconds = self._queued.popleft()
+            kind = "comm" if tag in TRAIN_TAGS else "overhead"
+            totals[f"{kind}_bytes"] += payload
+            totals[f"{kind}_seconds"] += seconds
+            row = {"rank": self.rank, "t": t, "op": op, "tag": tag, "bytes": payload, "seconds": seconds}
+            lines.append(json.dumps(row) + "\n")
+        if lines:
+            self._comm.write("".join(lines))
+            self._comm.flush()
+        return totals
 
     def log(self, scalars: dict) -> None:
         """One metrics row: the scalars, plus the bytes and seconds communicated since the last row."""
-        with self._lock:
-            row = {"rank": self.rank, "t": time.time(), **{k: _jsonable(v) for k, v in scalars.items()}}
-            row.update(self._since_log)
-            self._since_log = self._zero()
-            self._metrics.write(json.dumps(row) + "\n")
+        row = {"rank": self.rank, "t": time.time(), **{k: _jsonable(v) for k, v in scalars.items()}}
+        row.update(self._write_comm())
+        self._metrics.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
+        self._write_comm()
         self._metrics.close()
         self._comm.close()
 
