@@ -20,11 +20,6 @@ def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def ring_allreduce_bytes(payload: int, world_size: int) -> float:
-    """Bytes each rank sends in a ring all-reduce of `payload` bytes: 2(N-1)/N * S."""
-    return 2 * (world_size - 1) / world_size * payload
-
-
 class Comm:
     """torch.distributed collectives that count what they move.
 

@@ -85,12 +85,17 @@ def test_functions_from_modules_and_cli_style_kwargs():
     assert dl.launch(add, world_size=2, x=10).results == [10, 11]
 
 
-def test_auto_backend_on_a_cpu_machine_is_gloo_on_cpu():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the CPU placement rule does not apply")  # CI has none
+def test_auto_backend_follows_the_placement_rule():
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     placement = dl.place(4)
-    assert placement.backend == "gloo" and placement.devices == ("cpu",) * 4
-    assert dl.launch(lambda ctx: (ctx.backend, str(ctx.device)), world_size=2).results == [("gloo", "cpu")] * 2
+    if gpus >= 4:
+        assert placement.backend == "nccl" and placement.devices == ("cuda:0", "cuda:1", "cuda:2", "cuda:3")
+    elif gpus:
+        assert placement.backend == "gloo" and placement.devices == tuple(f"cuda:{r % gpus}" for r in range(4))
+    else:
+        assert placement.backend == "gloo" and placement.devices == ("cpu",) * 4
+    ranks = dl.launch(lambda ctx: (ctx.backend, str(ctx.device)), world_size=2).results
+    assert ranks == [(dl.place(2).backend, device) for device in dl.place(2).devices]
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
