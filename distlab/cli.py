@@ -45,11 +45,10 @@ def parse_kwargs(pairs: list[str]) -> dict:
 def run_under_torchrun(fn, kwargs: dict, runs_root: str | None) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device = torch.device(f"cuda:{local_rank % gpus}" if gpus else "cpu")
+    placement = place(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # the same rule as dl.launch, per machine
+    device, backend = torch.device(placement.devices[local_rank]), placement.backend
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    backend = "nccl" if gpus and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= gpus else "gloo"
     dist.init_process_group(backend, timeout=timedelta(minutes=30))
     # Each machine writes its own folder, all under the name rank 0 picked, so they line up.
     names = [str(new_run_dir(fn.__name__, runs_root)) if rank == 0 else None]
