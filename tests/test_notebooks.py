@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from notebook_browser import find_chromium, run_headless, run_in_browser
@@ -18,17 +19,18 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 TIMEOUT = float(os.environ.get("DISTLAB_NOTEBOOK_TIMEOUT", "600"))  # seconds for Run All, per notebook
 SCREENSHOTS = Path(os.environ.get("DISTLAB_SCREENSHOTS", REPO / "build" / "screenshots"))
 
-# What must be on screen after Run All, by notebook stem (default: nothing required).
-EXPECT = {
-    "00_start_here": {"min_widgets": 1, "min_plots": 2},
-}
+
+
+def expected_on_screen(notebook: Path) -> dict:
+    """What must be on screen after Run All, from the notebook's own metadata["distlab"]."""
+    return nbformat.read(notebook, as_version=4).metadata.get("distlab", {})
 
 
 @pytest.mark.timeout(TIMEOUT + 400)  # Run All plus JupyterLab/kernel start-up and teardown
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_clean(notebook: Path) -> None:
     """Run All Cells must finish with no error output, every widget and plot rendered."""
-    expect = EXPECT.get(notebook.stem, {})
+    expect = expected_on_screen(notebook)
     if find_chromium():
         report = run_in_browser(notebook, TIMEOUT, SCREENSHOTS / f"{notebook.stem}.png")
         print(f"screenshot: {report.screenshot}")
