@@ -57,7 +57,8 @@ def run_under_torchrun(fn, kwargs: dict, runs_root: str | None) -> None:
     if rank == 0:
         write_config(run_dir, name=fn.__name__, world_size=world_size, backend=backend, status="running",
                      launcher="torchrun", kwargs={k: repr(v) for k, v in kwargs.items()})
-    ctx = Context(rank, world_size, device, backend, run_dir, local_rank=local_rank)
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    ctx = Context(rank, world_size, device, backend, run_dir, local_rank=local_rank, attempt=attempt)
     dist.barrier()
     result = fn(ctx, **kwargs)
     ctx.finish()

@@ -16,13 +16,14 @@ class Context:
     """Rank identity plus telemetry. torch.distributed is already initialized when a function gets it."""
 
     def __init__(self, rank: int, world_size: int, device: torch.device, backend: str, run_dir: Path,
-                 local_rank: int | None = None):
+                 local_rank: int | None = None, attempt: int = 0):
         self.rank = rank
         self.world_size = world_size
         self.local_rank = rank if local_rank is None else local_rank
         self.device = device
         self.backend = backend
         self.run_dir = Path(run_dir)
+        self.attempt = attempt  # 0 on the first try; n after n restarts (dl.launch(restarts=) or torchrun)
         self._telemetry = telemetry.Telemetry(self.run_dir, rank)
         self.comm = Comm(self._telemetry.record_comm)
         self._watched: nn.Module | None = None

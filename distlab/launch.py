@@ -93,9 +93,10 @@ class _Failure:
 class _Job:
     """One launch: start or reuse ranks, send the function, gather replies, stream output, end cleanly."""
 
-    def __init__(self, run: Run, spec: tuple, payload: bytes, timeout: float | None, fresh: bool, monitor):
+    def __init__(self, run: Run, spec: tuple, payload: bytes, timeout: float | None, fresh: bool, monitor,
+                 restarts: int = 0):
         self.run, self.spec, self.payload = run, spec, payload
-        self.timeout, self.fresh, self.monitor = timeout, fresh, monitor
+        self.timeout, self.fresh, self.monitor, self.restarts = timeout, fresh, monitor, restarts
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -108,14 +109,18 @@ class _Job:
         global _active
         started = time.time()
         try:
-            pool = self._acquire_pool()
-            self._dispatch(pool)
-            self._collect(pool)
+            for attempt in range(self.restarts + 1):
+                try:
+                    self._attempt(attempt)
+                    break
+                except RankFailure as failure:
+                    if attempt == self.restarts:
+                        (self.run.dir / "failure.txt").write_text(f"rank {failure.rank}\n{failure.traceback}")
+                        write_config(self.run.dir, failed_rank=failure.rank)
+                        raise
+                    self._note_restart(attempt, failure)
             self._finish("ok", started)
         except BaseException as error:
-            _discard_pool()
-            if self._pool is not None:
-                self._pump(self._pool)  # the readers are joined: this is the ranks' last output
             self._finish(_status_of(error), started)
             raise
         finally:
@@ -148,6 +153,25 @@ class _Job:
             self._thread.join(15)
 
     # -- steps ------------------------------------------------------------------------------
+    def _attempt(self, attempt: int) -> None:
+        """Run the function once on every rank; on any failure the ranks are killed (fresh ones next time)."""
+        self._ends = 0
+        try:
+            pool = self._acquire_pool()
+            self._dispatch(pool, attempt)
+            self._collect(pool)
+        except BaseException:
+            _discard_pool()
+            if self._pool is not None:
+                self._pump(self._pool)  # the readers are joined: this is the ranks' last output
+            raise
+
+    def _note_restart(self, attempt: int, failure: RankFailure) -> None:
+        restarts = self.run.config.get("restarts", []) + [{"attempt": attempt, "failed_rank": failure.rank}]
+        write_config(self.run.dir, restarts=restarts)
+        print(f"distlab: rank {failure.rank} failed ({_headline(failure.traceback)}); restart {attempt + 1} of {self.restarts} "
+              f"on new ranks, with ctx.attempt = {attempt + 1}", file=sys.stderr, flush=True)
+
     def _acquire_pool(self) -> RankPool:
         global _pool
         with _lock:
@@ -182,8 +206,8 @@ class _Job:
             if time.monotonic() > deadline:
                 raise LaunchTimeout(f"ranks {sorted(pending)} did not start within {START_TIMEOUT:.0f}s", self.run)
 
-    def _dispatch(self, pool: RankPool) -> None:
-        job = ("job", self.payload, str(self.run.dir), _interactive_sources())
+    def _dispatch(self, pool: RankPool, attempt: int) -> None:
+        job = ("job", self.payload, str(self.run.dir), _interactive_sources(), attempt)
         for conn in pool.commands:
             conn.send(job)
 
@@ -210,8 +234,6 @@ class _Job:
                 first_failure = first_failure or time.monotonic()
                 if not pending or time.monotonic() - first_failure > FAILURE_GRACE:
                     root = min(failures, key=lambda f: (f.symptom, f.at))
-                    (self.run.dir / "failure.txt").write_text(f"rank {root.rank}\n{root.details}")
-                    write_config(self.run.dir, failed_rank=root.rank)
                     raise RankFailure(root.rank, root.details, self.run)
             if deadline is not None and time.monotonic() > deadline:
                 raise LaunchTimeout(
@@ -252,6 +274,12 @@ class _Job:
 
     def _finish(self, status: str, started: float) -> None:
         write_config(self.run.dir, status=status, seconds=round(time.time() - started, 3))
+
+
+def _headline(details: str) -> str:
+    """The one line that says what happened: an exception's last line, or how a process died."""
+    lines = details.strip().splitlines() or ["?"]
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
 
 
 def _status_of(error: BaseException) -> str:
@@ -300,11 +328,13 @@ def _pickle(fn: Callable, kwargs: dict) -> bytes:
         ) from error
 
 
-def _check_arguments(fn: Callable, world_size: int, timeout, kwargs: dict) -> None:
+def _check_arguments(fn: Callable, world_size: int, timeout, restarts, kwargs: dict) -> None:
     if not callable(fn):
         raise TypeError(f"fn must be a function taking ctx first, got {type(fn).__name__}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+        raise ValueError(f"restarts must be an integer >= 0, got {restarts!r}")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be None or a number of seconds > 0, got {timeout!r}")
     try:
@@ -319,7 +349,7 @@ def _check_arguments(fn: Callable, world_size: int, timeout, kwargs: dict) -> No
 
 def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: float | None = None,
            live=False, block: bool = True, fresh: bool = False, threads: int | None = None,
-           name: str | None = None, runs_root: str | None = None, **kwargs) -> Run:
+           name: str | None = None, runs_root: str | None = None, restarts: int = 0, **kwargs) -> Run:
     """Run `fn(ctx, **kwargs)` on `world_size` ranks; returns the Run (results, metrics, dir).
 
     backend: "auto" (NCCL when each rank has its own GPU, gloo otherwise), "gloo" or "nccl".
@@ -328,9 +358,11 @@ def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: flo
     block: False returns at once; then run.wait(), run.stop(), run.status.
     fresh: start new rank processes instead of reusing warm ones.
     threads: torch threads per rank (default: cores / world_size, at least 1).
+    restarts: after a rank fails, run the function again on new ranks up to this many times, in the
+        same run folder; `ctx.attempt` counts the tries, so the function can resume from a checkpoint.
     """
     global _active
-    _check_arguments(fn, world_size, timeout, kwargs)
+    _check_arguments(fn, world_size, timeout, restarts, kwargs)
     placement = place(world_size, backend)
     payload = _pickle(fn, kwargs)
     threads = threads or default_threads(world_size)
@@ -349,7 +381,7 @@ def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: flo
     print(f"distlab: {world_size} rank(s) · {placement.summary} · {threads} torch thread(s) each · "
           f"run folder {run_dir}", flush=True)
     monitor = _monitor(live)
-    job = _Job(run, (world_size, placement, threads), payload, timeout, fresh, monitor)
+    job = _Job(run, (world_size, placement, threads), payload, timeout, fresh, monitor, restarts)
     run._job = job
     _active = job
     if block:

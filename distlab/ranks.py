@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -62,6 +64,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rendezvous(folder: str) -> str:
+    """Where the ranks meet. By default a file in a folder only this user can read: a TCP store would
+    listen on every interface. MASTER_ADDR set by the user means they want TCP on that address."""
+    if "MASTER_ADDR" in os.environ:
+        return f"tcp://{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT') or _free_port()}"
+    return f"file://{os.path.join(folder, 'store')}"
+
+
+def _loopback_interface() -> str | None:
+    names = {name for _, name in socket.if_nameindex()}
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
 def _rank_environment(threads: int) -> dict:
     env = dict(os.environ)
     # Whatever the launcher can import (the notebook's folder, the tests), the ranks can too.
@@ -69,6 +84,9 @@ def _rank_environment(threads: int) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
     env["OMP_NUM_THREADS"] = str(threads)
+    loopback = _loopback_interface()
+    if "MASTER_ADDR" not in os.environ and "GLOO_SOCKET_IFNAME" not in env and loopback:
+        env["GLOO_SOCKET_IFNAME"] = loopback  # gloo's own sockets stay on this machine too
     return env
 
 
@@ -83,12 +101,13 @@ class RankPool:
         self.procs: list[subprocess.Popen] = []
         self.commands, self.reports, self._readers = [], [], []
         env = _rank_environment(threads)
-        master = [f"--master-addr={os.environ.get('MASTER_ADDR', '127.0.0.1')}", f"--master-port={_free_port()}"]
+        self._folder = tempfile.mkdtemp(prefix="distlab-ranks-")  # mode 0700
+        rendezvous = f"--init-method={_rendezvous(self._folder)}"
         for rank in range(world_size):
             cmd_read, cmd_write = Pipe(duplex=False)
             report_read, report_write = Pipe(duplex=False)
             argv = [sys.executable, "-m", "distlab.worker", f"--rank={rank}", f"--world-size={world_size}",
-                    *master, f"--backend={placement.backend}", f"--device={placement.devices[rank]}",
+                    rendezvous, f"--backend={placement.backend}", f"--device={placement.devices[rank]}",
                     f"--threads={threads}", f"--cmd-fd={cmd_read.fileno()}", f"--report-fd={report_write.fileno()}"]
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     pass_fds=(cmd_read.fileno(), report_write.fileno()), start_new_session=True)
@@ -150,3 +169,4 @@ class RankPool:
             conn.close()
         for reader in self._readers:
             reader.join(timeout=2)
+        shutil.rmtree(self._folder, ignore_errors=True)

@@ -32,9 +32,12 @@ def new_run_dir(name: str, root: str | os.PathLike | None = None) -> Path:
 
 
 def make_run_dir(path: str | os.PathLike) -> Path:
+    """Create the folder, readable by this user only: logs and results can hold anything."""
     path = Path(path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
     for sub in ("metrics", "comm", "logs", "results"):
-        (path / sub).mkdir(parents=True, exist_ok=True)
+        (path / sub).mkdir(exist_ok=True)
     return path
 
 

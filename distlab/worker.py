@@ -33,9 +33,9 @@ COMM_ERROR_HINTS = ("Connection closed by peer", "Connection reset by peer", "Br
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m distlab.worker")
-    for name in ("rank", "world-size", "master-port", "threads", "cmd-fd", "report-fd"):
+    for name in ("rank", "world-size", "threads", "cmd-fd", "report-fd"):
         p.add_argument(f"--{name}", type=int, required=True)
-    p.add_argument("--master-addr", default="127.0.0.1")
+    p.add_argument("--init-method", required=True)
     p.add_argument("--backend", required=True)
     p.add_argument("--device", required=True)
     return p.parse_args(argv)
@@ -59,7 +59,7 @@ def join_process_group(args: argparse.Namespace, device: torch.device) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group(
         args.backend,
-        init_method=f"tcp://{args.master_addr}:{args.master_port}",
+        init_method=args.init_method,
         rank=args.rank,
         world_size=args.world_size,
         timeout=timedelta(minutes=30),
@@ -81,9 +81,9 @@ def is_comm_error(error: BaseException) -> bool:
 
 
 def run_job(args, device: torch.device, job: tuple) -> tuple:
-    _, payload, run_dir, sources = job
+    _, payload, run_dir, sources, attempt = job
     install_sources(sources)
-    ctx = Context(args.rank, args.world_size, device, args.backend, run_dir)
+    ctx = Context(args.rank, args.world_size, device, args.backend, run_dir, attempt=attempt)
     try:
         fn, kwargs = cloudpickle.loads(payload)
         dist.barrier()
