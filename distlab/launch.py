@@ -279,7 +279,7 @@ class _Job:
 def _headline(details: str) -> str:
     """The one line that says what happened: an exception's last line, or how a process died."""
     lines = details.strip().splitlines() or ["?"]
-    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0].partition(". ")[0]
 
 
 def _status_of(error: BaseException) -> str:

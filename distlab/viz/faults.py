@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipywidgets as widgets
-import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..faults import FaultControl
@@ -15,21 +14,27 @@ def _steps(run):
     return rows[rows["step"].notna()].copy() if "step" in rows else rows.iloc[0:0]
 
 
-def restart_figure(run, title: str = "Loss over wall time: a rank killed, the job restarted from its checkpoint"):
-    """Loss against seconds since launch, one line per rank and attempt: the gap is the restart, the
-    overlap is the work redone since the last checkpoint."""
+def restart_figure(run, title: str = "A rank killed, the job restarted from its checkpoint"):
+    """Left: loss by step, one line per rank and attempt (the overlap is the work redone since the last
+    checkpoint). Right: the step reached over wall time (the flat stretch is the downtime)."""
     rows = _steps(run)
     t0 = rows["t"].min()
-    fig = go.Figure()
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss by step", "progress over wall time"))
     for (attempt, rank), part in rows.groupby(["attempt", "rank"]):
-        fig.add_scatter(x=part["t"] - t0, y=part["loss"], mode="lines", name=f"attempt {attempt} · rank {rank}",
-                        line={"color": _colour(int(rank)), "dash": "solid" if attempt == 0 else "dot"})
+        style = {"color": _colour(int(rank)), "dash": "solid" if attempt == 0 else "dot"}
+        group = {"legendgroup": f"{attempt}-{rank}", "name": f"attempt {int(attempt)} · rank {int(rank)}"}
+        fig.add_scatter(x=part["step"], y=part["loss"], mode="lines", line=style, **group, row=1, col=1)
+        fig.add_scatter(x=part["t"] - t0, y=part["step"], mode="lines", line=style, showlegend=False, **group,
+                        row=1, col=2)
     for attempt, part in rows.groupby("attempt"):
         if attempt > 0:
-            fig.add_vline(x=part["t"].min() - t0, line_dash="dash",
-                          annotation_text=f"attempt {attempt} resumes at step {int(part['step'].min())}")
-    fig.update_layout(title=title, xaxis_title="seconds since launch", yaxis_title="training loss",
-                      legend={"orientation": "h", "y": -0.2}, height=380)
+            fig.add_vline(x=part["step"].min(), line_dash="dash", row=1, col=1,
+                          annotation_text=f"attempt {int(attempt)} resumes at step {int(part['step'].min())}")
+    fig.update_xaxes(title_text="step", row=1, col=1)
+    fig.update_yaxes(title_text="training loss", row=1, col=1)
+    fig.update_xaxes(title_text="seconds since launch", row=1, col=2)
+    fig.update_yaxes(title_text="step", row=1, col=2)
+    fig.update_layout(title=title, legend={"orientation": "h", "y": -0.25}, height=400)
     return fig
 
 

@@ -75,9 +75,12 @@ def training_figure(source) -> go.Figure:
             fig.add_trace(trace, row=row, col=col)
         fig.update_yaxes(title_text=ylabel, row=row, col=col, rangemode="tozero" if name != "loss" else "normal")
         fig.update_xaxes(title_text="step", row=row, col=col)
-        if not traces[name]:
-            fig.add_annotation(text=HINTS[name], showarrow=False, font={"color": "grey"},
-                               xref=f"x{_axis(row, col)} domain", yref=f"y{_axis(row, col)} domain", x=0.5, y=0.5)
+        if not traces[name]:  # paper coordinates: a FigureWidget misplaces "x2 domain" references
+            axis = _axis(row, col)
+            x_domain, y_domain = fig.layout[f"xaxis{axis}"].domain, fig.layout[f"yaxis{axis}"].domain
+            fig.add_annotation(text=HINTS[name], showarrow=False, font={"color": "grey"}, xref="paper",
+                               yref="paper", x=sum(x_domain) / 2, y=sum(y_domain) / 2, xanchor="center",
+                               yanchor="middle")
     fig.update_layout(height=640, margin={"t": 40, "b": 40, "r": 20},
                       legend={"orientation": "h", "y": -0.14, "groupclick": "toggleitem"})
     return fig
