@@ -15,6 +15,7 @@ that record:
 
 from __future__ import annotations
 
+import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -119,8 +120,8 @@ def summarize(history: History) -> dict:
         for kind, count in per_rank.items():
             kinds[kind] += count
 
-    def mean_ms(ops):
-        return 1000 * sum(op.complete - op.invoke for op in ops) / len(ops) if ops else 0.0
+    def median_ms(ops):
+        return 1000 * statistics.median(op.complete - op.invoke for op in ops) if ops else 0.0
 
     return {
         "mode": history.mode, "reads": len(reads), "writes": len(writes),
@@ -128,5 +129,5 @@ def summarize(history: History) -> dict:
         "violations": len(linearizability_violations(history.ops)),
         "converged": not convergence_problems(history), "convergence_s": convergence_time(history),
         "messages": messages, "messages_per_op": messages / max(1, len(history.ops)),
-        "read_ms": mean_ms(reads), "write_ms": mean_ms(writes), **{f"msg/{k}": v for k, v in kinds.items()},
+        "read_ms": median_ms(reads), "write_ms": median_ms(writes), **{f"msg/{k}": v for k, v in kinds.items()},
     }

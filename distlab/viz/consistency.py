@@ -18,25 +18,28 @@ def modes_figure(summaries: list[dict]) -> go.Figure:
     """Stale-read rate, time to convergence, messages per operation (by kind) and latency, per mode."""
     modes = [s["mode"] for s in summaries]
     colours = [MODE_COLOURS.get(m, "grey") for m in modes]
-    fig = make_subplots(rows=1, cols=4, subplot_titles=(
-        "stale-read rate", "time to convergence after writes stop", "messages per operation", "mean latency"))
-    fig.add_bar(x=modes, y=[s["stale_read_rate"] for s in summaries], marker_color=colours,
-                showlegend=False, row=1, col=1)
-    fig.add_bar(x=modes, y=[1000 * (s["convergence_s"] or 0) for s in summaries], marker_color=colours,
-                showlegend=False, row=1, col=2)
+    fig = make_subplots(rows=2, cols=2, vertical_spacing=0.2, subplot_titles=(
+        "stale-read rate", "time to convergence after writes stop", "messages per operation, by kind",
+        "median latency of a read / a write"))
+    labelled = {"marker_color": colours, "showlegend": False, "textposition": "outside", "cliponaxis": False}
+    rates = [s["stale_read_rate"] for s in summaries]
+    fig.add_bar(x=modes, y=rates, text=[f"{r:.0%}" for r in rates], row=1, col=1, **labelled)
+    converge_ms = [1000 * (s["convergence_s"] or 0) for s in summaries]
+    fig.add_bar(x=modes, y=converge_ms, text=[f"{ms:.1f} ms" for ms in converge_ms], row=1, col=2, **labelled)
     kinds = sorted({k[4:] for s in summaries for k in s if k.startswith("msg/")})
     ops = [s["reads"] + s["writes"] for s in summaries]
     for kind in kinds:
         fig.add_bar(x=modes, y=[s.get(f"msg/{kind}", 0) / n for s, n in zip(summaries, ops)], name=kind,
-                    marker_color=KIND_COLOURS.get(kind), legendgroup="messages", row=1, col=3)
+                    marker_color=KIND_COLOURS.get(kind), legendgroup="messages", row=2, col=1)
     fig.add_bar(x=[[m for m in modes for _ in "rw"], ["read", "write"] * len(modes)],
                 y=[s[f"{op}_ms"] for s in summaries for op in ("read", "write")],
-                marker_color=[c for c in colours for _ in "rw"], showlegend=False, row=1, col=4)
-    fig.update_layout(barmode="stack", height=380, title="Consistency modes: what a reader sees, what it costs",
-                      margin={"t": 80})
-    for col, label in enumerate(("fraction of reads", "ms", "messages / op", "ms"), start=1):
-        fig.update_yaxes(title_text=label, row=1, col=col)
-        fig.update_xaxes(title_text="mode", row=1, col=col)
+                marker_color=[c for c in colours for _ in "rw"], showlegend=False, row=2, col=2)
+    fig.update_layout(barmode="stack", height=640, title="Consistency modes: what a reader sees, what it costs",
+                      legend_title_text="message kind")
+    for i, label in enumerate(("fraction of reads", "ms", "messages / operation", "ms")):
+        fig.update_yaxes(title_text=label, row=i // 2 + 1, col=i % 2 + 1)
+        fig.update_xaxes(title_text="mode", row=i // 2 + 1, col=i % 2 + 1)
+    fig.update_yaxes(rangemode="tozero")
     return fig
 
 
@@ -86,5 +89,6 @@ def sweep_figure(rows: list[dict], x: str, x_label: str) -> go.Figure:
     fig.update_xaxes(title_text=x_label)
     fig.update_yaxes(title_text="fraction of reads", row=1, col=1)
     fig.update_yaxes(title_text="ms", row=1, col=2)
+    fig.update_yaxes(rangemode="tozero")
     fig.update_layout(title=f"Staleness against {x_label}", height=360)
     return fig
