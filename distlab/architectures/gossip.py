@@ -111,7 +111,7 @@ def _check(algorithm: str, steps: int, mix_every: int) -> None:
         raise ValueError(f"steps and mix_every must be at least 1, got steps={steps}, mix_every={mix_every}")
 
 
-def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 200, lr: float = 0.1,
+def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 200, lr: float = 0.2,
           batch: int = 32, mix_every: int = 1, leave: dict | None = None, eval_every: int = 20,
           same_start: bool = True, seed: int = 0, hidden: int = 32) -> dict:
     """Decentralized SGD of an MLP on this rank's shard of digits; mixes every `mix_every` steps.

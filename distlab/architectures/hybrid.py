@@ -17,7 +17,7 @@ from . import topology as topo
 from .gossip import accuracy, gradient
 
 
-def train(ctx, rounds: int = 20, local_steps: int = 5, lr: float = 0.1, batch: int = 32,
+def train(ctx, rounds: int = 20, local_steps: int = 5, lr: float = 0.2, batch: int = 32,
           seed: int = 0, hidden: int = 32) -> dict:
     """Rank 0 coordinates `rounds` rounds; ranks 1.. each take `local_steps` SGD steps per round, then
     average with the partner the coordinator named."""
