@@ -21,6 +21,7 @@ seconds and training goes on without it. A server's receiving thread takes every
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -95,10 +96,10 @@ class Worker:
         self.versions = [0] * len(bounds)
         self.gaps = [0] * len(bounds)
 
-    def pull(self, clock: int) -> float:
-        """Ask every server for its shard; the replies are posted first so no server waits on another."""
-        start = time.perf_counter()
-        headers = [torch.zeros(2, dtype=torch.int64) for _ in self.bounds]
+    def pull(self, clock: int) -> bool:
+        """Ask every server for its shard (replies posted first, so no server waits on another).
+        False when a server says the job is done."""
+        headers = [torch.zeros(3, dtype=torch.int64) for _ in self.bounds]
         pending = []
         for server, (lo, hi) in enumerate(self.bounds):
             pending.append(dist.irecv(headers[server], src=server, tag=REPLY_HEADER))
@@ -110,7 +111,7 @@ class Worker:
         self.versions = [int(h[0]) for h in headers]
         self.gaps = [int(h[1]) for h in headers]
         nn.utils.vector_to_parameters(self.flat, self.model.parameters())
-        return time.perf_counter() - start
+        return not any(h[2] for h in headers)
 
     def push(self, clock: int, grad: torch.Tensor) -> None:
         for server, (lo, hi) in enumerate(self.bounds):
@@ -123,14 +124,18 @@ class Worker:
             dist.send(torch.tensor([kind, 0, 0, 0]), dst=server, tag=HEADER)
 
 
-def run_worker(ctx, worker: Worker, steps, batch, delay, slow, crash_at, t0) -> dict:
+def run_worker(ctx, worker: Worker, batch, delay, slow, crash_at, t0) -> dict:
+    """Pull, compute, push until the servers say the job is done (or until crashing at `crash_at`)."""
     rows = {"step": [], "t": [], "loss": [], "clock_staleness": [], "wait": []}
     crashed = None
-    for step in range(steps):
+    for step in itertools.count():
         if step == crash_at:
             crashed = step  # silently stop: no goodbye, the servers must notice on their own
             break
-        waited = worker.pull(step)
+        start = time.perf_counter()
+        if not worker.pull(step):
+            break
+        waited = time.perf_counter() - start
         if slow:
             time.sleep(delay)
         pick = torch.randint(len(worker.x), (batch,), generator=worker.order)
@@ -171,15 +176,15 @@ def receive_messages(inbox: queue.Queue, shard: int, n_workers: int, counts: dic
 class Server:
     """One shard of the parameters, the workers' clocks, and the rule for when a pull may be answered."""
 
-    def __init__(self, params: torch.Tensor, workers: list[int], staleness: float, lr: float,
+    def __init__(self, params: torch.Tensor, workers: list[int], staleness: float, lr: float, budget: int,
                  failure_timeout: float, t0: float):
-        self.params, self.staleness, self.lr = params, staleness, lr
+        self.params, self.staleness, self.lr, self.budget = params, staleness, lr, budget
         self.failure_timeout, self.t0 = failure_timeout, t0
         self.clock = {w: 0 for w in workers}
         self.state = {w: "live" for w in workers}  # live, done, dead
         self.heard = {w: time.time() for w in workers}
         self.waiting: dict[int, tuple[int, float]] = {}  # worker -> (clock, since) of a pull on hold
-        self.version = 0
+        self.version, self.pushes = 0, 0
         self.round_sum, self.round_pushes = torch.zeros_like(params), 0
         self.updates = {k: [] for k in ("t", "worker", "clock", "version", "version_staleness", "clock_staleness")}
         self.pulls = {k: [] for k in ("t", "worker", "clock", "clock_staleness", "wait")}
@@ -207,6 +212,7 @@ class Server:
 
     def apply(self, src: int, clock: int, pulled_version: int, gap: int, grad: torch.Tensor) -> None:
         self.clock[src] = clock + 1
+        self.pushes += 1
         for key, value in zip(self.updates, (time.time() - self.t0, src, clock, self.version,
                                              self.version - pulled_version, gap)):
             self.updates[key].append(value)
@@ -233,24 +239,30 @@ class Server:
                 self.events.append({"t": now - self.t0, "worker": w, "event": "dead"})
 
     def answer_pulls(self) -> None:
+        """Answer each pull on hold that the bound allows; once the job's pushes are in, answer "stop"."""
+        done = self.pushes >= self.budget
         for w, (clock, since) in list(self.waiting.items()):
             gap = clock - self.slowest_clock()
-            if gap <= self.staleness and (self.staleness > 0 or self.version == clock):
+            if done or (gap <= self.staleness and (self.staleness > 0 or self.version == clock)):
                 del self.waiting[w]
-                dist.send(torch.tensor([self.version, gap]), dst=w, tag=REPLY_HEADER)
+                self.heard[w] = time.time()  # from now on it owes us a push: the failure clock restarts
+                header = torch.tensor([self.version, gap, int(done)])
+                dist.send(header, dst=w, tag=REPLY_HEADER)
                 dist.send(self.params, dst=w, tag=REPLY_PAYLOAD)
-                self.bytes_out[w] = self.bytes_out.get(w, 0) + 16 + nbytes(self.params)
-                for key, value in zip(self.pulls, (time.time() - self.t0, w, clock, gap, time.time() - since)):
-                    self.pulls[key].append(value)
+                self.bytes_out[w] = self.bytes_out.get(w, 0) + nbytes(header) + nbytes(self.params)
+                if not done:
+                    for key, value in zip(self.pulls, (time.time() - self.t0, w, clock, gap, time.time() - since)):
+                        self.pulls[key].append(value)
 
     def serving(self) -> bool:
         return any(s == "live" for s in self.state.values())
 
 
-def run_server(ctx, bounds, staleness, lr, seed, hidden, failure_timeout, t0) -> dict:
+def run_server(ctx, bounds, staleness, lr, steps, seed, hidden, failure_timeout, t0) -> dict:
     lo, hi = bounds[ctx.rank]
     workers = list(range(len(bounds), ctx.world_size))
-    server = Server(flat_parameters(build_model(seed, hidden))[lo:hi], workers, staleness, lr, failure_timeout, t0)
+    params = flat_parameters(build_model(seed, hidden))[lo:hi]
+    server = Server(params, workers, staleness, lr, steps * len(workers), failure_timeout, t0)
     inbox: queue.Queue = queue.Queue()
     bytes_in: dict[int, int] = {}
     receiver = threading.Thread(target=receive_messages, args=(inbox, hi - lo, len(workers), bytes_in), daemon=True)
@@ -272,7 +284,7 @@ def run_server(ctx, bounds, staleness, lr, seed, hidden, failure_timeout, t0) ->
     dist.barrier()  # training is over everywhere; crashed workers now send their tombstones
     receiver.join()
     return {"role": "server", "rank": ctx.rank, "range": (lo, hi), "params": server.params.tolist(),
-            "version": server.version, "updates": server.updates, "pulls": server.pulls,
+            "version": server.version, "pushes": server.pushes, "updates": server.updates, "pulls": server.pulls,
             "events": server.events, "bytes_in": bytes_in, "bytes_out": server.bytes_out,
             "messages": messages, "busy_s": busy, "wall_s": time.time() - t0}
 
@@ -302,8 +314,9 @@ def run(ctx, staleness: float = 0, servers: int = 1, steps: int = 60, batch: int
         seed: int = 0) -> dict:
     """Train the digits MLP on a parameter server with staleness bound `staleness` (0 BSP, inf ASP).
 
-    `slow_rank` sleeps `delay` seconds per step (a straggler); `crash_rank` stops silently at step
-    `crash_at`. Returns this rank's record: a server's updates, pulls, events, bytes and final shard,
+    The job is `steps` x workers minibatch gradients: the servers answer "stop" once they got that
+    many pushes, so under ASP fast workers take more steps and a straggler fewer. `slow_rank` sleeps
+    `delay` seconds per step (a straggler); `crash_rank` stops silently at step `crash_at`. Returns this rank's record: a server's updates, pulls, events, bytes and final shard,
     or a worker's loss, clock staleness and waiting time per step.
     """
     _check(ctx, staleness, servers, steps, batch, lr, slow_rank, delay, crash_rank, crash_at, failure_timeout)
@@ -314,9 +327,9 @@ def run(ctx, staleness: float = 0, servers: int = 1, steps: int = 60, batch: int
     dist.barrier()
     t0 = time.time()
     if worker is None:
-        return run_server(ctx, bounds, staleness, lr, seed, hidden, failure_timeout, t0)
+        return run_server(ctx, bounds, staleness, lr, steps, seed, hidden, failure_timeout, t0)
     crash = crash_at if ctx.rank == crash_rank else None
-    return run_worker(ctx, worker, steps, batch, delay, ctx.rank == slow_rank, crash, t0)
+    return run_worker(ctx, worker, batch, delay, ctx.rank == slow_rank, crash, t0)
 
 
 MODES = {"sync": 0, "async": math.inf}
