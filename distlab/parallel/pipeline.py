@@ -137,6 +137,38 @@ def predicted_bubble(p: int, m: int) -> float:
     return (p - 1) / (m + p - 1)
 
 
+def _waits_for(kind: str, stage: int, i: int, p: int) -> tuple[str, int, int] | None:
+    """A forward waits for the previous stage's forward; a backward for the next stage's backward
+    (on the last stage, for its own forward)."""
+    if kind == "F":
+        return ("F", stage - 1, i) if stage > 0 else None
+    return ("B", stage + 1, i) if stage < p - 1 else ("F", stage, i)
+
+
+def simulate(schedule: str, p: int, m: int, t_forward: float = 1.0, t_backward: float = 2.0) -> list[dict]:
+    """The timeline the formula assumes: equal stages, free communication. Each stage runs its actions in
+    order, each as soon as the stage is free and its input is ready."""
+    queues = [schedule_for(schedule, m, p, s) for s in range(p)]
+    done: dict[tuple[str, int, int], float] = {}
+    free, events = [0.0] * p, []
+    while any(queues):
+        progressed = False
+        for s, queue in enumerate(queues):
+            while queue:
+                kind, i = queue[0]
+                dep = _waits_for(kind, s, i, p)
+                if dep is not None and dep not in done:
+                    break
+                queue.pop(0)
+                start = max(free[s], done[dep] if dep else 0.0)
+                free[s] = done[(kind, s, i)] = start + (t_forward if kind == "F" else t_backward)
+                events.append(dict(stage=s, kind=kind, micro=i, start=start, end=free[s]))
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"schedule {schedule!r} deadlocks")
+    return events
+
+
 def split_micro(x: torch.Tensor, m: int) -> list[torch.Tensor]:
     if m < 1 or len(x) % m:
         raise ValueError(f"micro_batches={m} must be a positive divisor of the batch size {len(x)}")
