@@ -114,7 +114,7 @@ def timed_allreduce_hook(spans: Spans):
     return hook
 
 
-def train_data_parallel(ctx, averaging: str = "bucket", steps: int = 20, batch: int = 16, lr: float = 0.1,
+def train_data_parallel(ctx, averaging: str = "bucket", steps: int = 20, batch: int = 16, lr: float = 0.5,
                         seed: int = 0) -> dict:
     """Rank function: data-parallel SGD on digits, gradients averaged `averaging` way (one of AVERAGING).
 
@@ -152,7 +152,7 @@ def train_data_parallel(ctx, averaging: str = "bucket", steps: int = 20, batch: 
     return {"losses": losses, "grads": first_grads, "params": flat(params), "spans": spans.rows}
 
 
-def train_single_process(steps: int = 20, batch: int = 64, lr: float = 0.1, seed: int = 0) -> dict:
+def train_single_process(steps: int = 20, batch: int = 64, lr: float = 0.5, seed: int = 0) -> dict:
     """The reference every pattern must reproduce: the whole model in one process, batch `batch`."""
     torch.manual_seed(seed)
     model = mlp(*SIZES)

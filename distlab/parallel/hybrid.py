@@ -48,7 +48,7 @@ def device_mesh(dp: int, mp: int):
             dist.destroy_process_group(mesh.get_group(axis))
 
 
-def train_hybrid(ctx, grid: str = "device_mesh", dp: int = 2, steps: int = 20, batch: int = 32, lr: float = 0.1,
+def train_hybrid(ctx, grid: str = "device_mesh", dp: int = 2, steps: int = 20, batch: int = 32, lr: float = 0.5,
                  seed: int = 0) -> dict:
     """Rank function: dp replicas of the digits MLP, each split over world_size / dp ranks.
 

@@ -58,7 +58,7 @@ def pipeline_step(stage: nn.Module, width: int, x: torch.Tensor, y: torch.Tensor
     return loss
 
 
-def train_model_parallel(ctx, steps: int = 20, batch: int = 64, lr: float = 0.1, seed: int = 0) -> dict:
+def train_model_parallel(ctx, steps: int = 20, batch: int = 64, lr: float = 0.5, seed: int = 0) -> dict:
     """Rank function: the digits MLP split by layers over the ranks, rank r holding stage r.
 
     Every rank builds the whole model from the same seed and keeps its stage, so the split model

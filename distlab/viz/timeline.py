@@ -22,14 +22,16 @@ def spans_frame(results: list[dict]) -> pd.DataFrame:
 
 def timeline_figure(results: list[dict], title: str, last_steps: int = 3) -> go.Figure:
     """Gantt chart of the last `last_steps` steps: per rank, a compute lane and a communication lane.
-    A communication span includes the wait for the other side (a recv waits for the matching send)."""
+    A communication span lasts from the call to its return: it includes waiting for the other ranks
+    (a recv waits for the matching send, an all-reduce for the slowest rank)."""
     frame = spans_frame(results)
     frame = frame[frame["step"] > frame["step"].max() - last_steps]
     frame[["start", "end"]] -= frame["start"].min()
     frame["lane"] = [f"rank {r} · {kind}" for r, kind in zip(frame["rank"], frame["kind"])]
     lanes = [f"rank {r} · {kind}" for r in sorted(frame["rank"].unique()) for kind in ("compute", "comm")]
     fig = go.Figure()
-    for name, spans in frame.groupby("name", sort=False):
+    order = {name: i for i, name in enumerate(COLOURS)}
+    for name, spans in sorted(frame.groupby("name"), key=lambda item: order.get(item[0], len(order))):
         fig.add_trace(go.Bar(
             y=spans["lane"], x=spans["end"] - spans["start"], base=spans["start"], orientation="h", name=name,
             marker={"color": COLOURS.get(name, "#9D755D")}, customdata=spans[["step", "bytes"]],
