@@ -123,3 +123,20 @@ def test_eventual_mode_converges_once_writes_stop_by_gossip_alone(histories):
     assert {kind for m in history.messages for kind in m} == {"gossip"}  # reads and writes are local
     ranks_writing = {op.rank for op in history.ops if op.kind == "write"}
     assert ranks_writing == set(range(WORLD))  # every rank wrote locally, and gossip spread it everywhere
+
+
+def open_handles(ctx):
+    import threading
+
+    import psutil
+
+    me = psutil.Process()
+    return threading.active_count(), me.num_fds(), len(me.net_connections())
+
+
+@pytest.mark.timeout(180)
+def test_the_store_leaves_no_thread_socket_or_file_open_in_the_warm_ranks():
+    before = dl.launch(open_handles, world_size=WORLD).results
+    for mode in ("strong", "weak", "eventual"):
+        dl.launch(run_workload, world_size=WORLD, timeout=120, mode=mode, ops=20)
+    assert dl.launch(open_handles, world_size=WORLD).results == before
