@@ -9,7 +9,7 @@ Three ways to average, from scratch to built-in: one all-reduce per parameter, o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from time import perf_counter
 
@@ -29,11 +29,18 @@ AVERAGING = ("per_parameter", "bucket", "ddp")
 
 class Spans:
     """What this rank did and when: compute and communication spans (perf_counter seconds, one clock
-    for every process on a machine), each with its step and the payload bytes of a communication."""
+    for every process on a machine), each with its step and the payload bytes of a communication.
+    On a GPU a span ends after a synchronize, so it covers the kernels it launched, not just their launch."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         self.rows: list[dict] = []
         self.step = 0
+        self._cuda = device is not None and device.type == "cuda"
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return perf_counter()
 
     def add(self, kind: str, name: str, start: float, end: float, nbytes: int = 0) -> None:
         self.rows.append({"step": self.step, "kind": kind, "name": name, "start": start, "end": end,
@@ -41,15 +48,15 @@ class Spans:
 
     @contextmanager
     def compute(self, name: str):
-        start = perf_counter()
+        start = self._now()
         yield
-        self.add("compute", name, start, perf_counter())
+        self.add("compute", name, start, self._now())
 
     @contextmanager
     def comm(self, name: str, tensor: torch.Tensor):
-        start = perf_counter()
+        start = self._now()
         yield
-        self.add("comm", name, start, perf_counter(), tensor.numel() * tensor.element_size())
+        self.add("comm", name, start, self._now(), tensor.numel() * tensor.element_size())
 
 
 def digits_train() -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,9 +81,9 @@ def shard_batches(x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int, 
         epoch += 1
 
 
-def flat(tensors) -> torch.Tensor:
-    """Tensors laid end to end in one vector (a copy): how parameters and gradients are compared."""
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
+def flat(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Tensors laid end to end in one vector, on the CPU (a copy): how parameters and gradients are compared."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).cpu()
 
 
 def average_per_parameter(params: list[nn.Parameter], all_reduce: Callable, size: int, spans: Spans) -> None:
@@ -122,9 +129,9 @@ def train_data_parallel(ctx, averaging: str = "bucket", steps: int = 20, batch: 
     if averaging not in AVERAGING:
         raise ValueError(f"averaging must be one of {AVERAGING}, got {averaging!r}")
     torch.manual_seed(seed)  # the same initial weights on every rank
-    model = mlp(*SIZES)
+    model = mlp(*SIZES).to(ctx.device)
     params = list(model.parameters())
-    spans = Spans()
+    spans = Spans(ctx.device)
     if averaging == "ddp":
         model = DDP(model)
         model.register_comm_hook(None, timed_allreduce_hook(spans))
@@ -135,7 +142,7 @@ def train_data_parallel(ctx, averaging: str = "bucket", steps: int = 20, batch: 
     losses, first_grads = [], None
     for step in range(steps):
         spans.step = step
-        x, y = next(data)
+        x, y = (t.to(ctx.device) for t in next(data))
         with spans.compute("forward"):
             loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
@@ -174,9 +181,3 @@ def train_single_process(steps: int = 20, batch: int = 64, lr: float = 0.5, seed
 def n_params(sizes: tuple[int, ...] = SIZES) -> int:
     """Parameters of dl.models.mlp(*sizes): a weight matrix and a bias per layer."""
     return sum(n_in * n_out + n_out for n_in, n_out in zip(sizes, sizes[1:]))
-
-
-def bytes_per_step(world_size: int, sizes: tuple[int, ...] = SIZES) -> int:
-    """Analytic all-reduce payload of one step, all ranks: each hands over every gradient (float32)."""
-    return world_size * 4 * n_params(sizes)
-

@@ -38,9 +38,9 @@ def column_groups(dp: int, mp: int):
 
 
 @contextmanager
-def device_mesh(dp: int, mp: int):
+def device_mesh(dp: int, mp: int, device_type: str = "cpu"):
     """The built-in: a DeviceMesh over the default process group, axes named ("dp", "mp")."""
-    mesh = init_device_mesh("cpu", (dp, mp), mesh_dim_names=("dp", "mp"))
+    mesh = init_device_mesh(device_type, (dp, mp), mesh_dim_names=("dp", "mp"))
     try:
         yield mesh
     finally:
@@ -64,20 +64,20 @@ def train_hybrid(ctx, grid: str = "device_mesh", dp: int = 2, steps: int = 20, b
     before = ctx.rank - 1 if m > 0 else None  # the row's neighbours: same replica, next stages
     after = ctx.rank + 1 if m < mp - 1 else None
     torch.manual_seed(seed)
-    stage = split_layers(mlp(*SIZES), mp)[m]
+    stage = split_layers(mlp(*SIZES).to(ctx.device), mp)[m]
     width, params = stage[0].in_features, list(stage.parameters())
     data = shard_batches(*digits_train(), d, dp, batch, seed)  # the row shares a shard
     optimizer = torch.optim.SGD(params, lr=lr)
-    spans = Spans()
+    spans = Spans(ctx.device)
     ctx.set_total(steps)
     losses, first_grads = [], None
-    with (column_groups if grid == "new_group" else device_mesh)(dp, mp) as axis:
+    with column_groups(dp, mp) if grid == "new_group" else device_mesh(dp, mp, ctx.device.type) as axis:
         if grid == "device_mesh":
             stage = DDP(stage, device_mesh=axis["dp"])  # averages the stage's gradients along the column
             stage.register_comm_hook(stage.process_group, timed_allreduce_hook(spans))
         for step in range(steps):
             spans.step = step
-            x, y = next(data)
+            x, y = (t.to(ctx.device) for t in next(data))
             optimizer.zero_grad()
             loss = pipeline_step(stage, width, x, y, before, after, ctx.comm, spans)
             if grid == "new_group":

@@ -34,7 +34,7 @@ def pipeline_step(stage: nn.Module, width: int, x: torch.Tensor, y: torch.Tensor
     if before is None:
         inputs = x
     else:
-        inputs = torch.empty(len(x), width)
+        inputs = torch.empty(len(x), width, device=x.device)
         with spans.comm("recv", inputs):
             comm.recv(inputs, src=before)
         inputs.requires_grad_()
@@ -65,17 +65,17 @@ def train_model_parallel(ctx, steps: int = 20, batch: int = 64, lr: float = 0.5,
     starts from the weights of the unsplit one. Returns this stage's losses (last stage only),
     first-step gradients, final parameters and timeline spans."""
     torch.manual_seed(seed)
-    stage = split_layers(mlp(*SIZES), ctx.world_size)[ctx.rank]
+    stage = split_layers(mlp(*SIZES).to(ctx.device), ctx.world_size)[ctx.rank]
     before = ctx.rank - 1 if ctx.rank > 0 else None
     after = ctx.rank + 1 if ctx.rank < ctx.world_size - 1 else None
     data = shard_batches(*digits_train(), 0, 1, batch, seed)  # every stage sees the whole batch
     optimizer = torch.optim.SGD(stage.parameters(), lr=lr)
-    spans = Spans()
+    spans = Spans(ctx.device)
     ctx.set_total(steps)
     losses, first_grads = [], None
     for step in range(steps):
         spans.step = step
-        x, y = next(data)
+        x, y = (t.to(ctx.device) for t in next(data))
         optimizer.zero_grad()
         loss = pipeline_step(stage, stage[0].in_features, x, y, before, after, ctx.comm, spans)
         if step == 0:
