@@ -106,6 +106,7 @@ class Network:
         if dst not in sockets:
             sockets[dst] = self.context.socket(zmq.DEALER)
             sockets[dst].setsockopt(zmq.LINGER, 0)
+            sockets[dst].setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))  # a full queue raises zmq.Again
             sockets[dst].connect(self.endpoints[dst])
         return sockets[dst]
 
