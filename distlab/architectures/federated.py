@@ -63,7 +63,7 @@ def krum_scores(results: Results, num_malicious: int) -> torch.Tensor:
     n - f - 2 nearest other updates."""
     layers, _ = _stacked(results)
     flat = torch.cat([layer.double().flatten(1) for layer in layers], dim=1)
-    distances = torch.cdist(flat, flat) ** 2
+    distances = ((flat.unsqueeze(0) - flat.unsqueeze(1)) ** 2).sum(-1)
     closest = max(1, len(results) - num_malicious - 2)
     return distances.sort(dim=1).values[:, 1:closest + 1].sum(1)  # column 0 is the distance to itself
 

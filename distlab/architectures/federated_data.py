@@ -70,10 +70,11 @@ def shards(labels: torch.Tensor, num_clients: int, shards_per_client: int = 2, s
 def quantity(labels: torch.Tensor, num_clients: int, alpha: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
     """Quantity skew: IID labels, but client sizes proportional to a Dirichlet(α) draw (at least 2 each)."""
     rng = np.random.default_rng(seed)
-    share = rng.dirichlet([alpha] * num_clients)
-    sizes = 2 + np.floor(share * (len(labels) - 2 * num_clients)).astype(int)
-    order = torch.from_numpy(rng.permutation(len(labels)))
-    return list(torch.split(order[:sizes.sum()], sizes.tolist()))
+    spare = len(labels) - 2 * num_clients  # what is left after the 2 each
+    cuts = np.floor(np.cumsum(rng.dirichlet([alpha] * num_clients)) * spare).astype(int)
+    cuts[-1] = spare
+    sizes = 2 + np.diff(cuts, prepend=0)
+    return list(torch.split(torch.from_numpy(rng.permutation(len(labels))), sizes.tolist()))
 
 
 def partition(labels: torch.Tensor, num_clients: int, scheme: str = "iid", seed: int = 0, alpha: float = 0.5,

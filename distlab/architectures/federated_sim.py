@@ -121,11 +121,15 @@ def client_data(fed: Federation, client: int, config: Config, attackers: set[int
     return x, y
 
 
-def batches(n: int, steps: int, config: Config, round: int, client: int) -> list[torch.Tensor]:
-    """The client's mini-batches: E shuffled passes cut into batches of B, the first `steps` of them."""
+def batches(n: int, steps: int, config: Config, round: int, client: int) -> torch.Tensor:
+    """The client's mini-batches, [steps, B]: E shuffled passes cut into batches of B (the last one
+    of a pass padded with -1), the first `steps` of them."""
     g = generator(config.seed, round, 3, client)
-    out = [chunk for _ in range(config.epochs) for chunk in torch.randperm(n, generator=g).split(config.batch_size)]
-    return out[:steps]
+    per_epoch = math.ceil(n / config.batch_size)
+    padded = torch.full((config.epochs, per_epoch * config.batch_size), -1)
+    for e in range(config.epochs):
+        padded[e, :n] = torch.randperm(n, generator=g)
+    return padded.view(-1, config.batch_size)[:steps]
 
 
 def poison(update: Update, client: int, config: Config, attackers: set[int]) -> Update:
@@ -143,7 +147,7 @@ def initial_params(config: Config) -> Update:
     return [p.detach().clone() for p in mlp(*config.model).parameters()]
 
 
-def train_client(global_params: Update, x, y, client_batches: list[torch.Tensor], config: Config) -> Update:
+def train_client(global_params: Update, x, y, client_batches: torch.Tensor, config: Config) -> Update:
     """Local SGD on one client, from the global model; returns its update Δ = w - w_global."""
     model = mlp(*config.model)
     with torch.no_grad():
@@ -151,6 +155,7 @@ def train_client(global_params: Update, x, y, client_batches: list[torch.Tensor]
             p.copy_(g)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     for idx in client_batches:
+        idx = idx[idx >= 0]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         if config.mu:
             loss = loss + config.mu / 2 * sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
@@ -160,41 +165,39 @@ def train_client(global_params: Update, x, y, client_batches: list[torch.Tensor]
     return [p.detach() - g for p, g in zip(model.parameters(), global_params)]
 
 
-def train_clients_vectorized(global_params: Update, data: list[tuple], schedules: list[list[torch.Tensor]],
+def train_clients_vectorized(global_params: Update, data: list[tuple], schedules: list[torch.Tensor],
                              config: Config) -> list[Update]:
     """Local SGD on all clients together: parameters stacked [clients, ...], the model vmapped.
 
     Clients are sorted by how many steps they take, so at step t the ones still training are a prefix
-    and only that prefix is computed. Short batches are padded; padding has zero weight in the loss.
+    and only that prefix is computed. Batch padding (-1) has zero weight in the loss.
     """
-    m, b = len(data), config.batch_size
+    m = len(data)
     order = sorted(range(m), key=lambda i: -len(schedules[i]))
-    longest = len(schedules[order[0]]) if m else 0
-    n_max = max(len(data[i][1]) for i in order)
-    xs = torch.zeros(m, n_max, *data[0][0].shape[1:])
-    ys = torch.zeros(m, n_max, dtype=torch.long)
-    idx = torch.zeros(m, longest, b, dtype=torch.long)
-    weight = torch.zeros(m, longest, b)
+    longest = len(schedules[order[0]])
+    x_all = torch.cat([data[i][0] for i in order])  # every client's examples, one after another
+    y_all = torch.cat([data[i][1] for i in order])
+    offsets = torch.tensor([0] + [len(data[i][1]) for i in order]).cumsum(0)
+    idx = torch.full((m, longest, config.batch_size), -1)
     for row, i in enumerate(order):
-        x, y = data[i]
-        xs[row, :len(y)], ys[row, :len(y)] = x, y
-        for t, chosen in enumerate(schedules[i]):
-            idx[row, t, :len(chosen)] = chosen
-            weight[row, t, :len(chosen)] = 1.0 / len(chosen)
-    active = [sum(len(schedules[i]) > t for i in order) for t in range(longest)]
+        idx[row, :len(schedules[i])] = schedules[i]
+    real = idx >= 0
+    weight = real / real.sum(-1, keepdim=True).clamp(min=1)  # 1 / (examples in the batch)
+    idx = torch.where(real, idx + offsets[:-1].view(m, 1, 1), 0)
+    steps = torch.tensor([len(schedules[i]) for i in order])
+    active = (steps > torch.arange(longest).unsqueeze(1)).sum(1).tolist()  # clients still training at step t
 
     model = mlp(*config.model)
     names = [name for name, _ in model.named_parameters()]
     forward = vmap(lambda params, xb: functional_call(model, dict(zip(names, params)), (xb,)))
     stacked = [g.expand(m, *g.shape).clone() for g in global_params]
-    rows = torch.arange(m).unsqueeze(1)
     for t in range(longest):
         a = active[t]
         leaves = [p[:a].detach().requires_grad_() for p in stacked]
         picked = idx[:a, t]
-        logits = forward(leaves, xs[rows[:a], picked])
-        losses = F.cross_entropy(logits.flatten(0, 1), ys[rows[:a], picked].flatten(), reduction="none")
-        loss = (losses.view(a, b) * weight[:a, t]).sum()
+        logits = forward(leaves, x_all[picked])
+        losses = F.cross_entropy(logits.flatten(0, 1), y_all[picked].flatten(), reduction="none")
+        loss = (losses.view_as(picked) * weight[:a, t]).sum()
         if config.mu:
             loss = loss + config.mu / 2 * sum(((p - g) ** 2).sum() for p, g in zip(leaves, global_params))
         grads = torch.autograd.grad(loss, leaves)
