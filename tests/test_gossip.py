@@ -64,6 +64,19 @@ def test_pairwise_gossip_pairs_neighbours_and_averages_them():
         assert torch.allclose(w @ w, w)  # averaging a pair twice changes nothing: a projection
 
 
+def test_options_that_cannot_run_are_refused_before_anything_is_sent():
+    ring = topo.graph("ring", 4)
+    gossip.check_options(ring, "dpsgd", 10, 1, {3: 5})  # one node off a ring leaves a path: fine
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        gossip.check_options(ring, "push-sum", 10, 1, {})
+    with pytest.raises(ValueError, match="mix_every must be at least 1"):
+        gossip.check_options(ring, "dpsgd", 10, 0, {})
+    with pytest.raises(ValueError, match="leave must map ranks"):
+        gossip.check_options(ring, "dpsgd", 10, 1, {4: 5})
+    with pytest.raises(ValueError, match="without a connected graph"):  # 0 and 2 gone: 1 and 3 cut apart
+        gossip.check_options(ring, "dpsgd", 10, 1, {0: 5, 2: 5})
+
+
 @pytest.mark.parametrize("n", [16, 64])
 def test_drift_shrinks_as_the_graph_gets_denser_in_process(n):
     """The claim notebook 04 teaches, from the mixing matrix alone: ring (degree 2), torus (4),

@@ -68,17 +68,10 @@ class Membership:
     """
 
     def __init__(self, graph: list, leave: dict[int, int], steps: int):
-        n = len(graph)
-        for rank, at in leave.items():
-            if not (0 <= rank < n and 1 <= at <= steps):
-                raise ValueError(f"leave must map ranks in [0, {n}) to steps in [1, {steps}], got {leave}")
-        self.n, self.leave, self.steps = n, leave, steps
+        self.n, self.leave, self.steps = len(graph), leave, steps
         self.groups = {}
         for at in sorted(set(leave.values())):
-            alive = self.alive(at)
-            if not alive or not topo.is_connected(graph, alive):
-                raise ValueError(f"leave={leave} leaves the survivors {alive} without a connected graph")
-            self.groups[alive] = dist.new_group(list(alive))
+            self.groups[self.alive(at)] = dist.new_group(list(self.alive(at)))
 
     def alive(self, step: int) -> tuple[int, ...]:
         return tuple(r for r in range(self.n) if self.leave.get(r, self.steps + 1) > step)
@@ -104,11 +97,19 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item()
 
 
-def _check(algorithm: str, steps: int, mix_every: int) -> None:
+def check_options(graph: list, algorithm: str, steps: int, mix_every: int, leave: dict[int, int]) -> None:
+    """Refuse what cannot run, before any rank sends anything (ValueError naming the argument)."""
+    n = len(graph)
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if steps < 1 or mix_every < 1:
         raise ValueError(f"steps and mix_every must be at least 1, got steps={steps}, mix_every={mix_every}")
+    if any(not (0 <= rank < n and 1 <= at <= steps) for rank, at in leave.items()):
+        raise ValueError(f"leave must map ranks in [0, {n}) to steps in [1, {steps}], got {leave}")
+    for at in set(leave.values()):
+        alive = [r for r in range(n) if leave.get(r, steps + 1) > at]
+        if not alive or not topo.is_connected(graph, alive):
+            raise ValueError(f"leave={leave} leaves the survivors {alive} without a connected graph")
 
 
 def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 200, lr: float = 0.2,
@@ -121,10 +122,11 @@ def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 20
     rank stops before step k and the living reweight W among themselves. Logs per step: loss,
     consensus, sent_bytes (this step), and accuracy every `eval_every` steps; row step=0 is the start.
     """
-    _check(algorithm, steps, mix_every)
     n, rank = ctx.world_size, ctx.rank
     graph = topo.graph(topology, n, seed=seed)
-    members = Membership(graph, {int(r): int(k) for r, k in (leave or {}).items()}, steps)
+    leave = {int(r): int(k) for r, k in (leave or {}).items()}
+    check_options(graph, algorithm, steps, mix_every, leave)
+    members = Membership(graph, leave, steps)
     torch.manual_seed(seed if same_start else seed + 1 + rank)
     model = models.mlp(64, hidden, 10)
     x, y, x_test, y_test = data.digits(rank, n, seed=seed)
