@@ -151,7 +151,7 @@ def sent_bytes(algorithm: str, numel: int, element_size: int, world_size: int, r
     the root, S elsewhere; recursive doubling: S per round, plus folding in the ranks past a power of 2.
     """
     _check_algorithm(algorithm)
-    n, size = world_size, numel * element_size
+    n, size = int(world_size), int(numel) * element_size
     if n == 1:
         return 0
     if algorithm == "ring":
@@ -169,7 +169,7 @@ def sent_bytes(algorithm: str, numel: int, element_size: int, world_size: int, r
 def message_rounds(algorithm: str, world_size: int) -> int:
     """Messages on the critical path of one all-reduce: what the latency term alpha is paid for."""
     _check_algorithm(algorithm)
-    n = world_size
+    n = int(world_size)
     power = 1 << (n.bit_length() - 1)
     return {"ring": 2 * (n - 1), "naive": 2 * (n - 1),
             "recursive_doubling": power.bit_length() - 1 + 2 * (n > power)}[algorithm]
