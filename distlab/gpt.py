@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -125,11 +124,10 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def corpus(max_chars: int | None = 200_000) -> str:
-    """Python's help topics (the text `help('topics')` shows), read from the installation itself."""
-    import pydoc_data
+    """Python's help topics (what `help('if')` shows), from the installation itself, in topic order."""
+    from pydoc_data.topics import topics
 
-    text = (Path(pydoc_data.__file__).parent / "topics.py").read_text(encoding="utf-8")
-    return text[:max_chars]
+    return "\n".join(topics[name] for name in sorted(topics))[:max_chars]
 
 
 def encode(text: str) -> torch.Tensor:
@@ -148,3 +146,21 @@ def batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch
     x = torch.stack([data[s:s + block_size] for s in starts.tolist()])
     y = torch.stack([data[s + 1:s + 1 + block_size] for s in starts.tolist()])
     return x, y
+
+
+def train_single(steps: int = 1, lr: float = 0.0, batch_size: int = 16, seed: int = 0,
+                 cfg: GPTConfig | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The reference every parallel version must match: the whole model in this process, plain SGD on
+    the batches the parallel runs draw (same seed). Returns the loss of each step and the last gradients."""
+    cfg = cfg or GPTConfig()
+    model = gpt(cfg, seed)
+    data, generator = encode(corpus()), torch.Generator().manual_seed(seed)
+    optimizer, losses = torch.optim.SGD(model.parameters(), lr=lr), []
+    for _ in range(steps):
+        x, y = batch(data, batch_size, cfg.block_size, generator)
+        optimizer.zero_grad()
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, {n: q.grad for n, q in model.named_parameters()}

@@ -4,7 +4,7 @@ tensor parallelism.
 A request is a prompt of `block_size` characters; its answer is the model's next character. Stage 0
 takes the queued requests `micro_batch` at a time and sends each micro-batch's activations on; the
 last stage answers. While stage 1 works on micro-batch j, stage 0 already computes j + 1 (pipelining,
-as in GPipe's forward half). Bigger micro-batches use each stage better (throughput) but every
+as in GPipe's forward half), but no further: a stage waits until its previous send was received. Bigger micro-batches use each stage better (throughput) but every
 request in one waits for the whole micro-batch (latency): the trade-off this module measures.
 """
 
@@ -47,7 +47,7 @@ def serve_pipelined(ctx, n_requests: int = 64, micro_batch: int = 8, stages: int
     module = stage_module(gpt.gpt(cfg, seed), stage, p).to(ctx.device).eval()
     prompts = requests(n_requests, cfg, seed).to(ctx.device)
     module(torch.randn(micro_batch, cfg.block_size, cfg.d_model, device=ctx.device) if stage else prompts[:micro_batch])  # warm-up
-    events, sends, logits = [], [], []
+    events, logits, in_flight = [], [], None
     dist.barrier()
     t0 = time.perf_counter()
     for j, chunk in enumerate(prompts.split(micro_batch)):
@@ -59,11 +59,13 @@ def serve_pipelined(ctx, n_requests: int = 64, micro_batch: int = 8, stages: int
         y = module(x)
         events.append(dict(stage=stage, kind="F", micro=j, start=start - t0, end=time.perf_counter() - t0))
         if stage < p - 1:
-            sends.append(isend(ctx, y, stage + 1, tag="pp"))
+            if in_flight:
+                in_flight.wait()  # back-pressure: at most one micro-batch waits for the next stage
+            in_flight = isend(ctx, y, stage + 1, tag="pp")
         else:
             logits.append(y[:, -1].cpu())
-    for s in sends:
-        s.wait()
+    if in_flight:
+        in_flight.wait()
     return dict(events=events, logits=torch.cat(logits) if stage == p - 1 else None)
 
 

@@ -171,8 +171,9 @@ def builtin_block_step(ctx, seed: int = 0) -> dict:
     block = gpt.gpt(gpt.GPTConfig(n_layer=1), seed)[1].to(ctx.device)
     styles = {"col": ColwiseParallel, "row": RowwiseParallel}
     parallelize_module(block, mesh, {name: styles[kind]() for name, kind in TP_PLAN.items()})
+    x = block_input().to(ctx.device).requires_grad_()  # an input that needs no gradient makes torch warn
     with CommDebugMode() as forward:
-        out = block(block_input().to(ctx.device))
+        out = block(x)
     with CommDebugMode() as backward:
         out.pow(2).mean().backward()
     local = {n: (q.grad.to_local() if hasattr(q.grad, "to_local") else q.grad).cpu() for n, q in block.named_parameters()}
@@ -181,7 +182,7 @@ def builtin_block_step(ctx, seed: int = 0) -> dict:
 
 
 def data_tensor(ctx, dp: int = 2, tp: int = 2, batch_size: int = 16, steps: int = 2, lr: float = 0.1,
-                seed: int = 0) -> dict:
+                seed: int = 0, cfg: gpt.GPTConfig | None = None) -> dict:
     """Data x tensor on a (dp, tp) DeviceMesh: each tp group holds one sharded GPT and 1/dp of the batch;
     gradients are averaged over the dp axis. Communication is tagged by axis ("tp", "dp")."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -190,7 +191,7 @@ def data_tensor(ctx, dp: int = 2, tp: int = 2, batch_size: int = 16, steps: int 
         raise ValueError(f"dp={dp} x tp={tp} must equal world_size={ctx.world_size}")
     mesh = init_device_mesh(ctx.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     dp_rank, tp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
-    cfg = gpt.GPTConfig()
+    cfg = cfg or gpt.GPTConfig()
     model = tp_gpt(gpt.gpt(cfg, seed), tp_rank, tp, GroupAllReduce(ctx, mesh.get_group("tp"), "tp")).to(ctx.device)
     average = GroupAllReduce(ctx, mesh.get_group("dp"), "dp")
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
