@@ -27,6 +27,13 @@ def worker_steps(source) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def in_time_order(source) -> pd.DataFrame:
+    """All workers' steps in the order they happened, with `iteration`: minibatches so far / workers
+    (the job's progress, comparable between sync and async whoever did the work)."""
+    steps = worker_steps(source).sort_values("t", ignore_index=True)
+    return steps.assign(iteration=(steps.index + 1) / steps["rank"].nunique())
+
+
 def applied_updates(source) -> pd.DataFrame:
     """One row per push a server applied: server, t, worker, clock, version, version_staleness, clock_staleness."""
     frames = [pd.DataFrame(r["updates"]).assign(server=r["rank"]) for r in _results(source) if r["role"] == "server"]
@@ -34,12 +41,13 @@ def applied_updates(source) -> pd.DataFrame:
 
 
 def summary(runs: dict) -> pd.DataFrame:
-    """Per run: wall time, final loss (mean of the workers' last 10 steps), updates, the largest staleness."""
+    """Per run: wall time, final loss (mean of the last 10 iterations' minibatch losses), updates applied,
+    the largest staleness, the mean time a pull waited."""
     rows = []
     for name, source in runs.items():
-        steps, updates = worker_steps(source), applied_updates(source)
-        rows.append({"run": name, "wall_s": steps.groupby("rank")["t"].max().max(),
-                     "final_loss": steps.sort_values("step").groupby("rank").tail(10)["loss"].mean(),
+        steps, updates = in_time_order(source), applied_updates(source)
+        rows.append({"run": name, "wall_s": steps["t"].max(),
+                     "final_loss": steps[steps["iteration"] > steps["iteration"].max() - 10]["loss"].mean(),
                      "updates": len(updates), "max_clock_staleness": updates["clock_staleness"].max(),
                      "max_version_staleness": updates["version_staleness"].max(),
                      "mean_wait_ms": 1000 * steps["wait"].mean()})
@@ -47,22 +55,19 @@ def summary(runs: dict) -> pd.DataFrame:
 
 
 def loss_figure(runs: dict, smooth: int = 5, title: str = "Loss against iterations and against wall time") -> go.Figure:
-    """Two panels: the workers' mean loss per iteration, and every worker's loss against wall time.
+    """Two panels: loss against iterations (minibatches / workers) and against wall time.
 
-    Both are rolling means (`smooth` iterations) of the minibatch losses the workers computed.
+    The loss is the workers' minibatch loss, in time order, as a rolling mean over `smooth` iterations.
     """
     fig = make_subplots(rows=1, cols=2, subplot_titles=("loss vs iteration", "loss vs wall time"),
                         horizontal_spacing=0.1)
     for i, (name, source) in enumerate(runs.items()):
-        steps = worker_steps(source)
-        per_step = steps.groupby("step")["loss"].mean().rolling(smooth, min_periods=1).mean()
-        by_time = steps.sort_values("t")
-        window = smooth * steps["rank"].nunique()
+        steps = in_time_order(source)
+        loss = steps["loss"].rolling(smooth * steps["rank"].nunique(), min_periods=1).mean()
         style = {"line": {"color": _colour(i)}, "legendgroup": name}
-        fig.add_scatter(x=per_step.index, y=per_step, name=name, row=1, col=1, **style)
-        fig.add_scatter(x=by_time["t"], y=by_time["loss"].rolling(window, min_periods=1).mean(), name=name,
-                        showlegend=False, row=1, col=2, **style)
-    fig.update_xaxes(title_text="iteration (worker step)", row=1, col=1)
+        fig.add_scatter(x=steps["iteration"], y=loss, name=name, row=1, col=1, **style)
+        fig.add_scatter(x=steps["t"], y=loss, name=name, showlegend=False, row=1, col=2, **style)
+    fig.update_xaxes(title_text="iteration (minibatches / workers)", row=1, col=1)
     fig.update_xaxes(title_text="wall time (s)", rangemode="tozero", row=1, col=2)
     fig.update_yaxes(title_text="training loss")
     fig.update_layout(title=title, height=420, legend_title_text="run")
@@ -81,7 +86,8 @@ def staleness_histogram(runs: dict, measure: str = "version_staleness") -> go.Fi
     axis = {"version_staleness": "staleness: server version at apply − version pulled",
             "clock_staleness": "staleness: clocks ahead of the slowest worker at the read"}[measure]
     fig.update_layout(title="Staleness of the applied updates", barmode="overlay", height=380,
-                      xaxis_title=axis, yaxis_title="applied updates", legend_title_text="run")
+                      xaxis_title=axis, yaxis_title="applied updates (log scale)", yaxis_type="log",
+                      legend_title_text="run")
     return fig
 
 
