@@ -180,6 +180,14 @@ def _label(result: dict) -> str:
     return f"{result['method']}{extra}{feedback}"
 
 
+def compression_table(results: list[dict]) -> pd.DataFrame:
+    """Per method: bytes each rank sent, the share saved against the first (uncompressed) run, accuracy."""
+    table = pd.DataFrame({"method": [_label(r) for r in results], "bytes sent": [r["bytes"] for r in results],
+                          "test accuracy": [r["accuracy"] for r in results]})
+    table["saved"] = 1 - table["bytes sent"] / table["bytes sent"].iloc[0]
+    return table.set_index("method")
+
+
 def compression_figure(results: list[dict]) -> go.Figure:
     """Bytes each rank sent during training (log) vs test accuracy reached, one point per method."""
     fig = go.Figure()
