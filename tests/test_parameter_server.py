@@ -114,3 +114,30 @@ def test_bad_options_are_refused_with_what_is_allowed(options, words):
     """Checked before any communication, so a stand-in ctx is enough."""
     with pytest.raises(ValueError, match=words):
         ps.train(SimpleNamespace(rank=0, world_size=4), **options)
+
+
+def test_figures_read_the_records_in_time_order():
+    """Two workers, synthetic records: iteration = minibatches so far / workers; counts add up."""
+    from distlab.viz import parameter_server as psviz
+
+    def worker(rank, times):
+        steps = {"step": list(range(len(times))), "t": times, "loss": [1.0] * len(times),
+                 "clock_staleness": [0] * len(times), "wait": [0.0] * len(times)}
+        return {"role": "worker", "rank": rank, "wall_s": max(times), "steps": steps}
+
+    updates = {"t": [0.1, 0.2, 0.3, 0.4], "worker": [1, 2, 1, 1], "clock": [0, 0, 1, 2], "version": [0, 1, 2, 3],
+               "version_staleness": [0, 1, 1, 0], "clock_staleness": [0, 0, 1, 2]}
+    server = {"role": "server", "rank": 0, "updates": updates, "events": [{"t": 0.35, "worker": 2, "event": "dead"}],
+              "bytes_in": {1: 300, 2: 100}, "bytes_out": {1: 200, 2: 100}, "messages": 9, "busy_s": 0.1, "wall_s": 0.5}
+    results = [server, worker(1, [0.1, 0.3, 0.4]), worker(2, [0.2])]
+    steps = psviz.in_time_order(results)
+    assert steps["rank"].tolist() == [1, 2, 1, 1] and steps["iteration"].tolist() == [0.5, 1.0, 1.5, 2.0]
+    table = psviz.summary({"run": results})
+    assert table.loc["run", "updates"] == 4 and table.loc["run", "max_clock_staleness"] == 2
+    histogram = psviz.staleness_histogram({"run": results})
+    assert list(histogram.data[0].x) == [0, 1] and list(histogram.data[0].y) == [2, 2]
+    traffic = psviz.traffic_figure(results)
+    assert [list(bar.y) for bar in traffic.data[:2]] == [[0.3, 0.1], [0.2, 0.1]]  # kB per link, both ways
+    assert len(psviz.progress_figure(results).layout.shapes) == 1  # the death, marked
+    for fig in (psviz.loss_figure({"run": results}), histogram, traffic):
+        assert fig.layout.title.text and fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
