@@ -149,3 +149,19 @@ def test_hospitals_and_credit_applications():
     all_labels = torch.cat(credit.ys + [credit.y_test])
     assert len(all_labels) == 6000 and credit.num_classes == 2
     assert 0.04 < all_labels.float().mean().item() < 0.06  # imbalanced: about 5% fraud
+
+
+def test_figures_have_one_trace_per_series_and_labelled_axes():
+    import pandas as pd
+
+    from distlab.viz import federated as viz
+
+    feds = {"IID": fd.digits(5, "iid"), "shards": fd.digits(5, "shards")}
+    labels = viz.label_distribution(feds)
+    assert len(labels.data) == 2 * 10 and labels.layout.title.text and labels.layout.yaxis.title.text == "examples"
+    assert labels.data[10].y == tuple(feds["shards"].label_counts()[:, 0].tolist())
+    table = pd.DataFrame([{"attack": a, "attackers": s, "rule": r, "accuracy": 0.5}
+                          for a in ("sign_flip", "scaled") for s in (0.0, 0.2) for r in ("fedavg", "median")])
+    robust = viz.robustness_figure(table)
+    assert len(robust.data) == 4 and all(len(t.x) == 2 for t in robust.data)
+    assert robust.layout.xaxis.title.text == "% malicious clients"

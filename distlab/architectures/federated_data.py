@@ -137,12 +137,13 @@ def _standardize(x: np.ndarray, x_test: np.ndarray) -> tuple[torch.Tensor, torch
 
 
 def hospitals(num_hospitals: int = 4, alpha: float = 1.0, seed: int = 0) -> Federation:
-    """Medical diagnosis: scikit-learn's breast-cancer set (569 tumours, 30 features, malignant = 0)
+    """Medical diagnosis: scikit-learn's breast-cancer set (569 tumours, 30 features; label 1 = malignant)
     split over hospitals with Dirichlet(α) label skew; features standardized, 20% held out."""
     from sklearn.datasets import load_breast_cancer
     from sklearn.model_selection import train_test_split
 
     x, y = load_breast_cancer(return_X_y=True)
+    y = 1 - y  # scikit-learn codes malignant as 0; the positive class should be the disease
     x, x_test, y, y_test = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
     x, x_test = _standardize(x, x_test)
     return federate(x, torch.tensor(y), x_test, torch.tensor(y_test), num_hospitals, "dirichlet", seed, alpha=alpha)

@@ -210,6 +210,13 @@ def train_clients_vectorized(global_params: Update, data: list[tuple], schedules
     return updates
 
 
+def first_round_results(fed: Federation, config: Config) -> list[tuple[Update, int]]:
+    """Every client's honest (update, num_examples) from the initial model: material to aggregate by hand."""
+    params = initial_params(config)
+    return [(train_client(params, x, y, batches(len(y), local_steps(len(y), config), config, 0, k), config), len(y))
+            for k, (x, y) in enumerate(zip(fed.xs, fed.ys))]
+
+
 # -- the server -----------------------------------------------------------------------------------
 
 def server_update(global_params: Update, results: list[tuple[Update, int]], config: Config,
