@@ -94,6 +94,12 @@ def test_drift_shrinks_as_the_graph_gets_denser_in_process(n):
 
 # -- real ranks --------------------------------------------------------------------------------------
 
+def assert_average_kept(run):
+    start_mean = torch.stack([start_params(r) for r in range(4)]).mean(0)
+    end_mean = torch.stack([r["params"] for r in run.results]).mean(0)
+    assert torch.allclose(end_mean, start_mean, atol=1e-6)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("topology", ["ring", "random", "full"])
 def test_consensus_decays_at_the_rate_the_spectral_gap_predicts(topology):
@@ -108,10 +114,20 @@ def test_consensus_decays_at_the_rate_the_spectral_gap_predicts(topology):
         assert (xi[12] / xi[4]) ** (1 / 8) == pytest.approx(rate, abs=0.01)
         assert all(xi[t + 1] <= (rate + 0.01) * xi[t] for t in range(12))
     assert xi[0] > 1.0
-    start_mean = torch.stack([start_params(r) for r in range(4)]).mean(0)
-    end_mean = torch.stack([r["params"] for r in run.results]).mean(0)
-    assert torch.allclose(end_mean, start_mean, atol=1e-6)
+    assert_average_kept(run)
     assert all(r["sent_bytes"] == 12 * len(topo.graph(topology, 4)[i]) * PAYLOAD for i, r in enumerate(run.results))
+
+
+@pytest.mark.timeout(120)
+def test_randomized_pairwise_gossip_keeps_the_average_and_reaches_consensus():
+    """On a 4-ring every round is one of the two perfect matchings; two different ones in a row
+    average everyone, so Ξ never grows, reaches round-off, and each round every rank sends once."""
+    run = dl.launch(gossip.train, world_size=4, timeout=100, algorithm="pairwise", topology="ring", steps=12,
+                    lr=0.0, same_start=False)
+    xi = consensus_by_step(run)
+    assert all(xi[t + 1] <= xi[t] * (1 + 1e-6) for t in range(12)) and xi[12] < 1e-6 * xi[0]
+    assert_average_kept(run)
+    assert [r["sent_bytes"] for r in run.results] == [12 * PAYLOAD] * 4
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,8 @@ def spectral_gap_figure(sizes=(4, 8, 16, 32, 64, 128), topologies=topo.TOPOLOGIE
 
 def _consensus(run) -> pd.Series:
     rows = run.metrics.dropna(subset=["consensus"])
-    return rows.groupby("step")["consensus"].mean()  # every living rank logs the same value
+    xi = rows.groupby("step")["consensus"].mean()  # every living rank logs the same value
+    return xi[xi > 0]  # identical starts (Ξ = 0) have no place on a log scale
 
 
 def consensus_figure(runs: dict, title: str, predicted: dict[str, float] | None = None,
