@@ -24,8 +24,9 @@ def train(ctx, staleness: float = 0, steps: int = 60, slow_rank: int | None = No
     """Train the digits MLP under staleness bound `staleness` (0 BSP, integer SSP, math.inf ASP).
 
     Rank 0 is the server (`servers=k` for k of them), the other ranks are workers; `slow_rank` sleeps
-    `delay` seconds per step (a straggler). Other options as `parameter_server.run`
-    (batch, crash_rank, crash_at, failure_timeout, shard, hidden). Returns this rank's record:
+    `delay` seconds per step (a straggler). Other options as `parameter_server.run` (jitter: every
+    worker sleeps `delay` at a step with this probability; batch, crash_rank, crash_at, failure_timeout,
+    shard, hidden). Returns this rank's record:
     - worker: {"role": "worker", "steps": {"step", "t", "loss", "clock_staleness", "wait"} as lists,
       "wall_s", "crashed_at"}; t is seconds since the common start.
     - server: {"role": "server", "updates": {"t", "worker", "clock", "version", "version_staleness",

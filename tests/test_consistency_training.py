@@ -44,3 +44,12 @@ def test_the_bound_names_the_model():
 def test_a_bound_that_is_not_a_clock_count_is_refused(bad):
     with pytest.raises(ValueError, match="staleness must be an integer >= 0 or math.inf"):
         consistency.train(SimpleNamespace(rank=0, world_size=4), staleness=bad)
+
+
+@pytest.mark.timeout(60)
+def test_jitter_one_makes_every_worker_sleep_every_step():
+    results = dl.launch(consistency.train, world_size=4, timeout=60, staleness=math.inf, steps=8, jitter=1.0,
+                        delay=0.02).results
+    for worker in (r for r in results if r["role"] == "worker"):
+        steps = len(worker["steps"]["step"])
+        assert steps >= 1 and worker["wall_s"] >= steps * 0.02  # a sleep in each of its steps

@@ -124,9 +124,13 @@ class Worker:
             dist.send(torch.tensor([kind, 0, 0, 0]), dst=server, tag=HEADER)
 
 
-def run_worker(ctx, worker: Worker, batch, delay, slow, crash_at, t0) -> dict:
-    """Pull, compute, push until the servers say the job is done (or until crashing at `crash_at`)."""
+def run_worker(ctx, worker: Worker, batch, delay, slow, jitter, crash_at, seed, t0) -> dict:
+    """Pull, compute, push until the servers say the job is done (or until crashing at `crash_at`).
+
+    A slow worker sleeps `delay` seconds every step; any worker does so at a step with probability `jitter`.
+    """
     rows = {"step": [], "t": [], "loss": [], "clock_staleness": [], "wait": []}
+    hiccups = torch.Generator().manual_seed(seed * 1000 + ctx.rank)
     crashed = None
     for step in itertools.count():
         if step == crash_at:
@@ -136,7 +140,7 @@ def run_worker(ctx, worker: Worker, batch, delay, slow, crash_at, t0) -> dict:
         if not worker.pull(step):
             break
         waited = time.perf_counter() - start
-        if slow:
+        if slow or torch.rand(1, generator=hiccups).item() < jitter:
             time.sleep(delay)
         pick = torch.randint(len(worker.x), (batch,), generator=worker.order)
         loss, grad = gradient(worker.model, worker.x[pick], worker.y[pick])
@@ -291,7 +295,8 @@ def run_server(ctx, bounds, staleness, lr, steps, seed, hidden, failure_timeout,
 
 # -- the rank function ---------------------------------------------------------------------------------
 
-def _check(ctx, staleness, servers, steps, batch, lr, slow_rank, delay, crash_rank, crash_at, failure_timeout):
+def _check(ctx, staleness, servers, steps, batch, lr, slow_rank, delay, jitter, crash_rank, crash_at,
+           failure_timeout):
     if not (isinstance(staleness, int) or staleness == math.inf) or staleness < 0:
         raise ValueError(f"staleness must be an integer >= 0 or math.inf, got {staleness!r}")
     if not 1 <= servers < ctx.world_size:
@@ -304,22 +309,25 @@ def _check(ctx, staleness, servers, steps, batch, lr, slow_rank, delay, crash_ra
             raise ValueError(f"{name} must be a worker rank ({servers}..{ctx.world_size - 1}) or None, got {rank}")
     if not 0 <= delay < failure_timeout:
         raise ValueError(f"delay must be >= 0 and below failure_timeout={failure_timeout}, got {delay}")
+    if not 0 <= jitter <= 1:
+        raise ValueError(f"jitter must be a probability in [0, 1], got {jitter}")
     if crash_rank is not None and not (isinstance(crash_at, int) and 0 <= crash_at < steps):
         raise ValueError(f"crash_at must be a step in 0..{steps - 1} when crash_rank is set, got {crash_at!r}")
 
 
 def run(ctx, staleness: float = 0, servers: int = 1, steps: int = 60, batch: int = 32, lr: float = 0.2,
-        slow_rank: int | None = None, delay: float = 0.0, crash_rank: int | None = None,
+        slow_rank: int | None = None, delay: float = 0.0, jitter: float = 0.0, crash_rank: int | None = None,
         crash_at: int | None = None, failure_timeout: float = 2.0, shard: str = "range", hidden: int = 32,
         seed: int = 0) -> dict:
     """Train the digits MLP on a parameter server with staleness bound `staleness` (0 BSP, inf ASP).
 
     The job is `steps` x workers minibatch gradients: the servers answer "stop" once they got that
     many pushes, so under ASP fast workers take more steps and a straggler fewer. `slow_rank` sleeps
-    `delay` seconds per step (a straggler); `crash_rank` stops silently at step `crash_at`. Returns this rank's record: a server's updates, pulls, events, bytes and final shard,
+    `delay` seconds per step (a straggler), every worker with probability `jitter` per step (transient
+    stragglers); `crash_rank` stops silently at step `crash_at`. Returns this rank's record: a server's updates, pulls, events, bytes and final shard,
     or a worker's loss, clock staleness and waiting time per step.
     """
-    _check(ctx, staleness, servers, steps, batch, lr, slow_rank, delay, crash_rank, crash_at, failure_timeout)
+    _check(ctx, staleness, servers, steps, batch, lr, slow_rank, delay, jitter, crash_rank, crash_at, failure_timeout)
     sizes = [p.numel() for p in build_model(seed, hidden).parameters()]
     bounds = shard_bounds(sizes, servers, shard)
     ctx.set_total(steps)
@@ -329,7 +337,7 @@ def run(ctx, staleness: float = 0, servers: int = 1, steps: int = 60, batch: int
     if worker is None:
         return run_server(ctx, bounds, staleness, lr, steps, seed, hidden, failure_timeout, t0)
     crash = crash_at if ctx.rank == crash_rank else None
-    return run_worker(ctx, worker, batch, delay, ctx.rank == slow_rank, crash, t0)
+    return run_worker(ctx, worker, batch, delay, ctx.rank == slow_rank, jitter, crash, seed, t0)
 
 
 MODES = {"sync": 0, "async": math.inf}
