@@ -34,30 +34,22 @@ def compare_with_builtin(ctx):
     dist.all_reduce(expected)
     collectives.ring_all_reduce(not_contiguous)
     diffs[("all_reduce", "ring", "transposed", "")] = (not_contiguous - expected).abs().max().item()
-    return diffs
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(ctx.rank))
+    sums = [collectives.all_reduce(x.clone(), algorithm=a).tolist() for a in collectives.ALL_REDUCES]
+    return diffs, sums
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_hand_written_collectives_equal_the_builtins(world_size):
     run = dl.launch(compare_with_builtin, world_size=world_size, timeout=90)
-    for rank, diffs in enumerate(run.results):
+    for rank, (diffs, _) in enumerate(run.results):
         assert len(diffs) == len(SHAPES) * (2 * 3 + 2) + 1
         wrong = {key: d for key, d in diffs.items() if d > 1e-5}
         assert not wrong, f"rank {rank} differs from torch.distributed: {wrong}"
-
-
-def every_rank_gets_the_same_bits(ctx):
-    x = torch.randn(1000, generator=torch.Generator().manual_seed(ctx.rank))
-    results = [collectives.all_reduce(x.clone(), algorithm=a) for a in collectives.ALL_REDUCES]
-    return [r.tolist() for r in results]
-
-
-@pytest.mark.timeout(60)
-def test_every_rank_ends_with_bit_identical_sums():
-    """Each chunk is summed once (ring, naive) or by commutative pairs (recursive doubling): no drift."""
-    results = dl.launch(every_rank_gets_the_same_bits, world_size=3, timeout=60).results
-    assert results[0] == results[1] == results[2]
+    # Each chunk is summed once (ring, naive) or by commutative pairs (recursive doubling): every rank
+    # ends with the same bits, so replicas cannot drift apart through rounding.
+    assert all(sums == run.results[0][1] for _, sums in run.results)
 
 
 def test_bad_arguments_are_refused_with_the_allowed_values():

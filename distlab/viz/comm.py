@@ -193,10 +193,12 @@ def compression_figure(results: list[dict]) -> go.Figure:
     fig = go.Figure()
     for i, result in enumerate(results):
         fig.add_trace(go.Scatter(x=[result["bytes"]], y=[result["accuracy"]], mode="markers+text",
-                                 text=[_label(result)], textposition="top center", name=_label(result),
+                                 text=[_label(result)], textposition="bottom center" if i % 2 else "top center",
+                                 name=_label(result),
                                  marker={"size": 12, "color": COLOURS[i % len(COLOURS)]}))
+    low, high = math.log10(min(r["bytes"] for r in results)), math.log10(max(r["bytes"] for r in results))
     fig.update_layout(title="Gradient compression: bytes sent vs accuracy reached (digits, same training)",
-                      xaxis={"type": "log", "title": "bytes sent per rank (log scale)"},
+                      xaxis={"type": "log", "title": "bytes sent per rank (log scale)", "range": [low - 0.4, high + 0.4]},
                       yaxis={"title": "test accuracy"}, height=450)
     return fig
 
@@ -204,8 +206,10 @@ def compression_figure(results: list[dict]) -> go.Figure:
 def coupling_figure(results: list[dict]) -> go.Figure:
     """Per rank: seconds spent in publish() vs in a synchronous all_reduce while one rank is late."""
     ranks = [f"rank {r}" for r in range(len(results))]
-    fig = go.Figure([go.Bar(name="publish() (pub/sub)", x=ranks, y=[r["publish_seconds"] for r in results]),
-                     go.Bar(name="dist.all_reduce (collective)", x=ranks, y=[r["all_reduce_seconds"] for r in results])])
+    bars = [go.Bar(name=name, x=ranks, y=[r[key] for r in results], textposition="outside",
+                   text=[f"{r[key] * 1e3:.2f} ms" for r in results])
+            for name, key in (("publish() (pub/sub)", "publish_seconds"), ("dist.all_reduce (collective)", "all_reduce_seconds"))]
+    fig = go.Figure(bars)
     fig.update_layout(title="Coupling: waiting for a late rank", barmode="group", height=350,
                       xaxis_title="rank", yaxis_title="seconds in the call")
     return fig
