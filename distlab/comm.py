@@ -66,9 +66,10 @@ class Comm:
     def barrier(self, tag: str = "train") -> None:
         self._timed("barrier", None, dist.barrier, tag)
 
-    def events(self, tag: str = "train") -> Events:
-        """A log for a hand-written collective (collectives.py) whose sends/recvs also count here."""
-        return Events(dist.get_rank(), self._record, tag)
+    def events(self, name: str = "p2p", tag: str = "train") -> Events:
+        """A log for a hand-written collective (collectives.py) whose transfers also count here, as
+        ops "<name> send" and "<name> recv"."""
+        return Events(dist.get_rank(), self._record, name, tag)
 
 
 class Pending:
@@ -110,12 +111,12 @@ class Events:
     """A log of one rank's sends and receives: peer, chunk, step, phase, start/end times, bytes.
 
     Collectives written from send/recv (collectives.py) add a row per transfer; `forward`, when given
-    (see `Comm.events`), also counts each one in the run's comm table, so `run.comm` sees them too.
+    (see `Comm.events`), also counts each one in the run's comm table as op "<name> send" / "<name> recv".
     """
 
-    def __init__(self, rank: int, forward: Record | None = None, tag: str = "train"):
+    def __init__(self, rank: int, forward: Record | None = None, name: str = "p2p", tag: str = "train"):
         self.rank, self.rows = rank, []
-        self._forward, self._tag = forward, tag
+        self._forward, self._name, self._tag = forward, name, tag
 
     def add(self, kind: str, peer: int, payload: int, chunk: int, step: int, phase: str,
             t_start: float, t_end: float) -> None:
@@ -123,7 +124,7 @@ class Events:
         self.rows.append({"rank": self.rank, "kind": kind, "src": src, "dst": dst, "chunk": chunk,
                           "step": step, "phase": phase, "t_start": t_start, "t_end": t_end, "bytes": payload})
         if self._forward is not None:
-            self._forward(kind, payload, t_end - t_start, self._tag)
+            self._forward(f"{self._name} {kind}", payload, t_end - t_start, self._tag)
 
     def sent_bytes(self) -> int:
         return sum(row["bytes"] for row in self.rows if row["kind"] == "send")

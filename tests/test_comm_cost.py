@@ -10,12 +10,13 @@ NUMELS = (4096, 1001)  # divisible by 2 and 4, and not divisible by 3 or 4
 
 
 def all_reduce_counted(ctx):
-    """Each algorithm on each size, its sends and receives counted in ctx.comm under its own tag."""
+    """Each algorithm on each size, its sends and receives counted in ctx.comm under their own op name."""
     for algorithm in collectives.ALL_REDUCES:
         for numel in NUMELS:
             collectives.all_reduce(torch.ones(numel), algorithm=algorithm, events=ctx.comm.events(f"{algorithm}/{numel}"))
     events = ctx.comm.events("replay")
     collectives.ring_all_reduce(torch.ones(10), events=events)
+    ctx.log(step=0)  # the metrics row sums this rank's training traffic: sends and receives
     return events.rows
 
 
@@ -29,12 +30,12 @@ def counted(request):
 @pytest.mark.parametrize("numel", NUMELS)
 def test_measured_bytes_per_rank_equal_the_analytic_count(counted, algorithm, numel):
     n = len(counted.results)
-    rows = counted.comm[counted.comm["tag"] == f"{algorithm}/{numel}"]
-    for kind in ("send", "recv"):  # every byte sent is received: the totals match too
-        measured = rows[rows["op"] == kind].groupby("rank")["bytes"].sum().reindex(range(n), fill_value=0)
-        if kind == "send":
-            assert measured.tolist() == [comm.sent_bytes(algorithm, numel, 4, n, r) for r in range(n)]
-    assert rows[rows["op"] == "send"]["bytes"].sum() == rows[rows["op"] == "recv"]["bytes"].sum()
+    comm_table, name = counted.comm, f"{algorithm}/{numel}"
+    sends, recvs = (comm_table[comm_table["op"] == f"{name} {kind}"] for kind in ("send", "recv"))
+    measured = sends.groupby("rank")["bytes"].sum().reindex(range(n), fill_value=0)
+    assert measured.tolist() == [comm.sent_bytes(algorithm, numel, 4, n, r) for r in range(n)]
+    assert sends["bytes"].sum() == recvs["bytes"].sum()  # every byte sent is received
+    assert set(comm_table["tag"]) == {"train"}  # the algorithm's own traffic, not telemetry overhead
 
 
 def test_analytic_counts_are_the_textbook_formulas_when_n_divides_the_size():
@@ -44,6 +45,11 @@ def test_analytic_counts_are_the_textbook_formulas_when_n_divides_the_size():
         assert comm.sent_bytes("naive", 4096, 4, n, 0) == (n - 1) * size
         assert comm.sent_bytes("recursive_doubling", 4096, 4, n, 1) == (n.bit_length() - 1) * size
     assert comm.chunk_sizes(1001, 4) == [len(c) for c in torch.arange(1001).tensor_split(4)]
+
+
+def test_metrics_rows_carry_the_recorded_bytes(counted):
+    rows = counted.metrics.set_index("rank")["comm_bytes"]
+    assert rows.tolist() == counted.comm.groupby("rank")["bytes"].sum().reindex(rows.index).tolist()
 
 
 def test_ring_replay_record_follows_the_schedule(counted):

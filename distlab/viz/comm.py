@@ -16,13 +16,13 @@ COLOURS = qualitative.Plotly
 
 
 def bytes_table(run, numel: int, element_size: int = 4) -> pd.DataFrame:
-    """Bytes each rank sent per algorithm (tag = algorithm name in ctx.comm.events) beside the count
+    """Bytes each rank sent per algorithm (recorded with ctx.comm.events(algorithm)) beside the count
     from the algorithm's schedule (comm.sent_bytes)."""
-    sends = run.comm[run.comm["op"] == "send"]
     n = run.comm["rank"].nunique()
     rows = []
     for algorithm in comm.ALGORITHMS:
-        measured = sends[sends["tag"] == algorithm].groupby("rank")["bytes"].sum()
+        sends = run.comm[run.comm["op"] == f"{algorithm} send"]
+        measured = sends.groupby("rank")["bytes"].sum()
         for rank in range(n):
             rows.append({"algorithm": algorithm, "rank": rank, "measured": int(measured.get(rank, 0)),
                          "analytic": comm.sent_bytes(algorithm, numel, element_size, n, rank)})
