@@ -25,6 +25,12 @@ def simulate_all(runs: dict[str, tuple[Federation, Config]], engine: str = "vect
     return out
 
 
+def server_history(run) -> FederatedRun:
+    """A dl.launch run of train_federated as a FederatedRun: the server's model and its rows per round."""
+    rows = run.metrics[run.metrics["rank"] == 0].dropna(subset=["accuracy"])
+    return FederatedRun(run.results[0], [{**row, "round": int(row["step"])} for row in rows.to_dict("records")])
+
+
 def history(runs: dict[str, FederatedRun]) -> pd.DataFrame:
     """One row per run and round."""
     return pd.DataFrame([{"run": name, **row} for name, run in runs.items() for row in run.history])
