@@ -297,6 +297,8 @@ def run_server(ctx, bounds, staleness, lr, steps, seed, hidden, failure_timeout,
 
 def _check(ctx, staleness, servers, steps, batch, lr, slow_rank, delay, jitter, crash_rank, crash_at,
            failure_timeout):
+    if ctx.backend != "gloo":
+        raise ValueError(f"the parameter server needs backend='gloo' (it receives from any source), got {ctx.backend!r}")
     if not (isinstance(staleness, int) or staleness == math.inf) or staleness < 0:
         raise ValueError(f"staleness must be an integer >= 0 or math.inf, got {staleness!r}")
     if not 1 <= servers < ctx.world_size:
