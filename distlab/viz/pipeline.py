@@ -76,3 +76,13 @@ def latency_throughput(rows: list[dict], title: str = "serving: latency vs throu
                       yaxis_title="mean latency per request (ms)", xaxis=dict(rangemode="tozero"),
                       yaxis=dict(rangemode="tozero"))
     return fig
+
+
+def loss_curves(curves: dict[str, list[float]], title: str = "training loss") -> go.Figure:
+    """One line per setup (name -> loss per step); dashes let identical curves show through each other."""
+    fig = go.Figure()
+    for i, (name, losses) in enumerate(curves.items()):
+        fig.add_scatter(x=list(range(len(losses))), y=losses, name=name, mode="lines",
+                        line=dict(color=qualitative.Plotly[i], dash=["solid", "dash", "dot"][i % 3], width=3 - i % 3))
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="loss (cross-entropy per character)")
+    return fig
