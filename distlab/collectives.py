@@ -106,13 +106,24 @@ def _segments(chunk: torch.Tensor) -> int:
     return max(1, min(chunk.numel(), -(-nbytes(chunk) // SEGMENT_BYTES)))
 
 
+_scratch_buffers: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A receive buffer kept between calls: a fresh 32 MB one would cost its page faults every time."""
+    buffer = _scratch_buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch_buffers[dtype] = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
+
+
 def _ring_pass(parts: list[torch.Tensor], start: int, events: Events | None, phase: str,
                reduce=None, first_step: int = 0) -> None:
     """N-1 steps around the ring: at step s send parts[start - s] right, receive parts[start - s - 1]
     from the left, reducing into it (reduce-scatter) or overwriting it (all-gather)."""
     rank, n = dist.get_rank(), dist.get_world_size()
     right, left = (rank + 1) % n, (rank - 1) % n
-    buffer = torch.empty(max(p.numel() for p in parts), dtype=parts[0].dtype) if reduce else None
+    buffer = _scratch(max(p.numel() for p in parts), parts[0].dtype) if reduce else None
     for s in range(n - 1):
         out, into = (start - s) % n, (start - s - 1) % n
         if reduce:
@@ -210,20 +221,22 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, algorithm: str = "rin
 def time_all_reduces(ctx, sizes: list[int], algorithms: tuple[str, ...] = ("naive", "ring", "recursive_doubling", "gloo"),
                      repeats: int = 3) -> list[dict]:
     """Seconds of each all-reduce per message size in bytes (float32): the slowest rank's median of
-    `repeats` calls, each started together after a barrier."""
+    `repeats` calls, each started together after a barrier. The algorithms take turns, call by call,
+    so a burst of load on a shared machine hits them all alike."""
     rows = []
     for size in sizes:
         tensor = torch.ones(max(1, size // 4))
-        for algorithm in algorithms:
-            call = partial(dist.all_reduce, tensor) if algorithm == "gloo" else partial(all_reduce, tensor, algorithm=algorithm)
-            times = []
-            for _ in range(repeats):
+        calls = {a: partial(dist.all_reduce, tensor) if a == "gloo" else partial(all_reduce, tensor, algorithm=a)
+                 for a in algorithms}
+        times: dict[str, list[float]] = {a: [] for a in algorithms}
+        for _ in range(repeats):
+            for algorithm, call in calls.items():
                 dist.barrier()
                 start = time.perf_counter()
                 call()
-                times.append(time.perf_counter() - start)
-            median = torch.tensor([sorted(times)[len(times) // 2]], dtype=torch.float64)
-            dist.all_reduce(median, op=dist.ReduceOp.MAX)
-            rows.append({"algorithm": algorithm, "bytes": nbytes(tensor), "world_size": ctx.world_size,
-                         "seconds": median.item(), "calls": len(times)})
+                times[algorithm].append(time.perf_counter() - start)
+        medians = torch.tensor([sorted(times[a])[repeats // 2] for a in algorithms], dtype=torch.float64)
+        dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+        rows += [{"algorithm": a, "bytes": nbytes(tensor), "world_size": ctx.world_size, "seconds": t, "calls": repeats}
+                 for a, t in zip(algorithms, medians.tolist())]
     return rows
