@@ -11,7 +11,7 @@ Every path places its tensors on ctx.device, so with backend="auto" the same scr
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 
 import torch
 
@@ -22,9 +22,7 @@ from distlab.parallel import tensor as tp
 
 
 def single_train(ctx, steps: int, batch_size: int, cfg: gpt.GPTConfig) -> None:
-    """The whole model on rank 0's device; the other ranks idle."""
-    if ctx.rank:
-        return
+    """The whole model in one process (launched alone, so it gets every core's threads, or one GPU)."""
     model = gpt.gpt(cfg).to(ctx.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     data, generator = gpt.encode(gpt.corpus()), torch.Generator().manual_seed(0)
@@ -58,7 +56,6 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
     cfg = gpt.GPTConfig(block_size=args.block, d_model=args.d_model, n_head=args.heads, n_layer=args.layers)
-    common = dict(world_size=args.ranks, backend=args.backend, timeout=600)
     setups = {
         "single process": (single_train, dict(steps=args.steps, batch_size=args.batch, cfg=cfg)),
         f"pipeline GPipe, p={args.ranks}, m={args.micro_batches}": (pp.pipeline_train, dict(
@@ -70,10 +67,11 @@ def main() -> None:
     }
     results = {}
     for name, (fn, kwargs) in setups.items():
-        run = dl.launch(fn, **common, **kwargs)
+        ranks = 1 if fn is single_train else args.ranks
+        run = dl.launch(fn, world_size=ranks, backend=args.backend, timeout=600, **kwargs)
         results[name] = tokens_per_second(run, args.warmup, args.batch * args.block)
         placement = run.config["placement"]
-    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {placement}; "
+    print(f"\n{os.cpu_count()} CPU cores, torch {torch.__version__}, last placement: {placement}; "
           f"GPT d_model={cfg.d_model} layers={cfg.n_layer} heads={cfg.n_head} T={cfg.block_size}, "
           f"batch {args.batch}, {args.steps} steps ({args.warmup} warm-up)")
     print(f"{'setup':34} {'tokens/s':>10} {'vs single':>10}")
