@@ -1,11 +1,12 @@
 """Bus bandwidth of the hand-written all-reduces (distlab/collectives.py) beside gloo's dist.all_reduce.
 
-    python benchmarks/collectives.py            # world sizes 2 and 4, 4 KB ... 64 MB (a few minutes)
-    python benchmarks/collectives.py --quick    # 4 KB ... 16 MB, fewer calls
+    python benchmarks/collectives.py            # world sizes 2 and 4, 4 KB ... 64 MB (about a minute)
+    python benchmarks/collectives.py --quick    # 4 KB ... 16 MB, fewer calls (about 30 s)
 
 Bus bandwidth = algorithm bandwidth (bytes / seconds) × 2(N-1)/N, the factor that makes an all-reduce
 on N ranks comparable with a point-to-point link (the convention of NVIDIA's nccl-tests). Seconds: the
-slowest rank's median over the calls. Target: ring ≥ 0.8× gloo at 16 MB and above.
+slowest rank's median over the calls, the algorithms taking turns call by call.
+Target: ring ≥ 0.8× gloo at 16 MB and above.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 KB .. 16 MB, fewer calls")
     args = parser.parse_args()
-    top, repeats = (16 << 20, 3) if args.quick else (64 << 20, 5)
+    top, repeats = (16 << 20, 3) if args.quick else (64 << 20, 7)
     sizes = [4096 << (2 * k) for k in range(8) if 4096 << (2 * k) <= top]  # 4 KB, 16 KB, ... x4
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.2f}")
