@@ -88,8 +88,8 @@ def surface_figure(surface: str, steps: int = 200, lr: float | None = None, adam
     fig = go.Figure(_contour(s))
     for name, h in hyper.items():
         path = trajectory(surface, name, steps, **h)
-        fig.add_scatter(x=path[:, 0], y=path[:, 1], mode="lines+markers", marker={"size": 3},
-                        line={"color": COLOURS[name]}, name=NAMES[name])
+        fig.add_scatter(x=path[:, 0], y=path[:, 1], mode="lines+markers", marker={"size": 3}, name=NAMES[name],
+                        line={"color": COLOURS[name], "width": 4 if name == "sgd" else 2})
     fig.add_scatter(x=[p[0] for p in s.minima], y=[p[1] for p in s.minima], mode="markers", name="minimum",
                     marker={"symbol": "star", "size": 14, "color": "gold", "line": {"width": 1}})
     fig.update_xaxes(title_text="x", range=list(s.x_range))
@@ -192,7 +192,7 @@ def local_sgd_figure(table: pd.DataFrame) -> go.Figure:
                                text=[f"H={h}" for h in table["every"]], textposition="top center",
                                marker={"size": 10}, name="local SGD"))
     fig.update_xaxes(type="log", title_text="bytes all-reduced per rank (log)")
-    fig.update_yaxes(title_text="test accuracy of the averaged model")
+    fig.update_yaxes(title_text="test accuracy of the averaged model", range=[0.5, 1])
     fig.update_layout(title="Local SGD: average the models every H steps", height=360)
     return fig
 
