@@ -30,19 +30,24 @@ def _reducer(op):
     return REDUCE[op]
 
 
-def _exchange(send: torch.Tensor | None, dst: int, recv: torch.Tensor | None, src: int,
-              events: Events | None, chunk: int = 0, recv_chunk: int | None = None, step: int = 0,
-              phase: str = "") -> None:
+def _transfer(kind: str, tensor: torch.Tensor, peer: int, events: Events | None, chunk: int, step: int,
+              phase: str) -> None:
+    """One blocking send or receive, recorded."""
+    start = time.time()
+    (dist.send if kind == "send" else dist.recv)(tensor, peer)
+    if events is not None:
+        events.add(kind, peer, nbytes(tensor), chunk, step, phase, start, time.time())
+
+
+def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, events: Events | None,
+              chunk: int, recv_chunk: int, step: int, phase: str) -> None:
     """Send and receive at the same time (isend/irecv pair), so neither direction waits for the other."""
     start = time.time()
-    sending = dist.isend(send, dst) if send is not None else None
-    receiving = dist.irecv(recv, src) if recv is not None else None
-    for kind, work, tensor, peer, index in (("send", sending, send, dst, chunk),
-                                            ("recv", receiving, recv, src, chunk if recv_chunk is None else recv_chunk)):
-        if work is not None:
-            work.wait()
-            if events is not None:
-                events.add(kind, peer, nbytes(tensor), index, step, phase, start, time.time())
+    sending, receiving = dist.isend(send, dst), dist.irecv(recv, src)
+    for kind, work, tensor, peer, index in (("send", sending, send, dst, chunk), ("recv", receiving, recv, src, recv_chunk)):
+        work.wait()
+        if events is not None:
+            events.add(kind, peer, nbytes(tensor), index, step, phase, start, time.time())
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -68,13 +73,13 @@ def naive_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, events: Events 
     if rank == 0:
         incoming = torch.empty_like(flat)
         for src in range(1, n):
-            _exchange(None, 0, incoming, src, events, chunk=src, step=src - 1, phase="gather")
+            _transfer("recv", incoming, src, events, chunk=src, step=src - 1, phase="gather")
             reduce(flat, incoming)
         for dst in range(1, n):
-            _exchange(flat, dst, None, 0, events, chunk=0, step=n - 2 + dst, phase="broadcast")
+            _transfer("send", flat, dst, events, chunk=0, step=n - 2 + dst, phase="broadcast")
     elif n > 1:
-        _exchange(flat, 0, None, 0, events, chunk=rank, step=rank - 1, phase="gather")
-        _exchange(None, 0, flat, 0, events, chunk=0, step=n - 2 + rank, phase="broadcast")
+        _transfer("send", flat, 0, events, chunk=rank, step=rank - 1, phase="gather")
+        _transfer("recv", flat, 0, events, chunk=0, step=n - 2 + rank, phase="broadcast")
     return _done(tensor, flat)
 
 
@@ -171,19 +176,19 @@ def recursive_doubling_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM,
     rounds = power.bit_length() - 1
     flat = _flat(tensor)
     if rank >= power:
-        _exchange(flat, rank - power, None, 0, events, step=0, phase="fold in")
-        _exchange(None, 0, flat, rank - power, events, step=rounds + 1, phase="fold out")
+        _transfer("send", flat, rank - power, events, chunk=0, step=0, phase="fold in")
+        _transfer("recv", flat, rank - power, events, chunk=0, step=rounds + 1, phase="fold out")
         return _done(tensor, flat)
     incoming = torch.empty_like(flat)
     if rank + power < n:
-        _exchange(None, 0, incoming, rank + power, events, step=0, phase="fold in")
+        _transfer("recv", incoming, rank + power, events, chunk=0, step=0, phase="fold in")
         reduce(flat, incoming)
     for k in range(rounds):
         partner = rank ^ (1 << k)
-        _exchange(flat, partner, incoming, partner, events, step=k + 1, phase=f"round {k}")
+        _exchange(flat, partner, incoming, partner, events, 0, 0, step=k + 1, phase=f"round {k}")
         reduce(flat, incoming)  # commutative: both partners end bit-identical
     if rank + power < n:
-        _exchange(flat, rank + power, None, 0, events, step=rounds + 1, phase="fold out")
+        _transfer("send", flat, rank + power, events, chunk=0, step=rounds + 1, phase="fold out")
     return _done(tensor, flat)
 
 
@@ -198,9 +203,9 @@ def broadcast(tensor: torch.Tensor, src: int = 0, events: Events | None = None) 
     me, step, mask = (rank - src) % n, 0, 1
     while mask < n:
         if me < mask and me + mask < n:
-            _exchange(flat, (me + mask + src) % n, None, 0, events, step=step, phase="broadcast")
+            _transfer("send", flat, (me + mask + src) % n, events, chunk=0, step=step, phase="broadcast")
         elif mask <= me < 2 * mask:
-            _exchange(None, 0, flat, (me - mask + src) % n, events, step=step, phase="broadcast")
+            _transfer("recv", flat, (me - mask + src) % n, events, chunk=0, step=step, phase="broadcast")
         mask, step = mask * 2, step + 1
     return _done(tensor, flat)
 
