@@ -2,7 +2,9 @@
 
 `Comm` wraps the torch.distributed calls a training function uses; `ddp_comm_hook` does the same for
 DistributedDataParallel's gradient all-reduce. Records go to the rank's telemetry (see telemetry.py),
-tagged "train" (the algorithm's own traffic) or "telemetry" (what watching it costs).
+tagged "train" (the algorithm's own traffic) or "telemetry" (what watching it costs). `Events` logs
+every send/recv of a hand-written collective (collectives.py) for the cost table and the replay; the
+alpha-beta model at the end gives the bytes each algorithm must send and fits latency and bandwidth.
 """
 
 from __future__ import annotations
