@@ -243,6 +243,14 @@ def train_local(actors: int = 1, seed: int = 0, max_steps: int = 20_000, max_sec
     return history.result("local", "sync", actors, learner.version, learner.weights())
 
 
+def collection_rate(weights: torch.Tensor, steps: int = 5000, seed: int = 0, hidden: int = 32) -> float:
+    """Environment steps per second of the plain loop: one process plays whole episodes with fixed weights."""
+    actor, taken, start = Actor(0, seed, hidden), 0, time.perf_counter()
+    while taken < steps:
+        taken += len(actor.rollout(weights, 0))
+    return taken / (time.perf_counter() - start)
+
+
 # -- torch.distributed: rank 0 is the learner, ranks 1..N are rollout actors ---------------------------
 
 def train(ctx, mode: str = "sync", seed: int = 0, max_steps: int = 20_000, max_seconds: float = 60.0,

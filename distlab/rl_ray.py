@@ -18,10 +18,18 @@ import torch
 from .rl import Actor, Agent, History, Learner, Trajectory, check_options
 
 
-def start(num_cpus: int = 2) -> None:
-    """A local Ray instance without the dashboard; idempotent."""
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+def start(num_cpus: int = 2, attempts: int = 2) -> None:
+    """A local Ray instance without the dashboard; idempotent. On a busy machine Ray's start-up can lose a
+    race (its raylet gives the metrics agent 15 s to come up, then aborts): the next attempt usually wins."""
+    for attempt in range(1, attempts + 1):
+        if ray.is_initialized():
+            return
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        except Exception as error:  # Ray raises a bare Exception: "The current node timed out during startup"
+            ray.shutdown()
+            if attempt == attempts or "timed out during startup" not in str(error):
+                raise
 
 
 RemoteActor = ray.remote(Actor)  # a rollout actor (or, in the seed's loop, just an environment)
@@ -86,6 +94,16 @@ def round_trip_seconds(pinger, calls: int = 100) -> float:
 
 
 # -- the fix: whole trajectories, N rollout actors, a learner actor ----------------------------------------
+
+def trajectory_rate(actors: list, weights: torch.Tensor, steps: int = 5000, seed: int = 0) -> float:
+    """Environment steps per second of these rollout actors playing whole episodes with fixed weights
+    (collection only, as the per-step loop measures it): one remote call per episode."""
+    ray.get([a.reseed.remote(seed) for a in actors])
+    shared, taken, start = ray.put(weights), 0, time.perf_counter()
+    while taken < steps:
+        taken += sum(len(t) for t in ray.get([a.rollout.remote(shared, 0) for a in actors]))
+    return taken / (time.perf_counter() - start)
+
 
 def make_actors(n: int, hidden: int = 32) -> list:
     """N rollout actors (actor ids 0..n-1); reuse them across runs: train() reseeds them."""
