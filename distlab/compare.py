@@ -92,8 +92,8 @@ def run_gossip(name: str, task: Task, algorithm: str, topology: str, timeout: fl
     """All-reduce data parallel or D-PSGD: every rank takes `steps` steps on its shard."""
     steps = plan(task)["steps"]
     run = launch(gossip.train, world_size=task.world_size, timeout=timeout, name=name.replace(" ", "_"),
-                    algorithm=algorithm, topology=topology, steps=steps, lr=task.lr, batch=task.batch,
-                    eval_every=steps, seed=task.seed)
+                 algorithm=algorithm, topology=topology, steps=steps, lr=task.lr, batch=task.batch,
+                 eval_every=steps, seed=task.seed)
     res = run.results
     consensus = run.metrics.query("rank == 0 and step >= 1")["consensus"]  # every rank logs the same value
     return _row(name, run, samples=sum(r["steps"] for r in res) * task.batch, updates=res[0]["steps"],
@@ -101,10 +101,10 @@ def run_gossip(name: str, task: Task, algorithm: str, topology: str, timeout: fl
                 accuracy=sum(r["accuracy"] for r in res) / len(res), drift=float(consensus.mean()))
 
 
-def run_parameter_server(name: str, task: Task, mode: str, timeout: float) -> dict:
-    """Rank 0 holds the parameters; each worker pulls, computes a gradient, pushes."""
+def run_parameter_server(name: str, task: Task, mode: str, timeout: float, **options) -> dict:
+    """Rank 0 holds the parameters; each worker pulls, computes a gradient, pushes (options: as ps.train)."""
     run = launch(ps.train, world_size=task.world_size, timeout=timeout, name=name.replace(" ", "_"), mode=mode,
-                    steps=plan(task)["worker_steps"], batch=task.batch, lr=task.lr, seed=task.seed)
+                 steps=plan(task)["worker_steps"], batch=task.batch, lr=task.lr, seed=task.seed, **options)
     server = next(r for r in run.results if r["role"] == "server")
     workers = [r for r in run.results if r["role"] == "worker"]
     pushes = [len(w["steps"]["step"]) for w in workers]
@@ -133,7 +133,7 @@ def run_federated(name: str, task: Task, timeout: float) -> dict:
     """Rank 0 broadcasts the model each round; each client rank trains one local epoch and sends its update."""
     fed, config = federation(task)
     run = launch(federated_ranks.train_federated, world_size=task.world_size, timeout=timeout, name=name,
-                    fed=fed, config=config)
+                 fed=fed, config=config)
     comm = run.comm.query("tag == 'train'")
     sends = comm[comm.op == "send"].groupby("rank")["bytes"].sum()
     broadcast = comm.query("rank == 0 and op == 'broadcast'")["bytes"].sum() * (task.world_size - 1)
@@ -170,6 +170,16 @@ def compare(task: Task = Task(), architectures=ARCHITECTURES, timeout: float = 1
         rows.append(RUNNERS[name](task, timeout))
         if on_row is not None:
             on_row(rows[-1])
+    return pd.DataFrame(rows).set_index("architecture")
+
+
+def stragglers(task: Task = Task(), delay: float = 0.02, timeout: float = 120):
+    """The parameter server, sync and async, with its last worker sleeping `delay` s every step (a
+    straggler): a sync step waits for it, an async server takes the others' pushes meanwhile."""
+    import pandas as pd
+
+    slow = {"slow_rank": task.world_size - 1, "delay": delay}
+    rows = [run_parameter_server(f"PS {mode} + straggler", task, mode, timeout, **slow) for mode in ("sync", "async")]
     return pd.DataFrame(rows).set_index("architecture")
 
 

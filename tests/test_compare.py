@@ -139,4 +139,15 @@ def test_figures_plot_the_table(table):
     per_rank = cviz.bytes_by_rank(table)
     assert [t.name for t in per_rank.data] == [f"rank {r}" for r in range(4)]
     measured = [t for t in cviz.scaling(table).data if t.mode == "markers"]
-    assert [t.y[0] for t in measured] == pytest.approx((table["bytes_busiest"] / table["syncs"] / 1e6).tolist())
+    assert [t.y[0] for t in measured] == pytest.approx((table["bytes_busiest"] / table["syncs"] / PAYLOAD).tolist())
+
+
+@pytest.mark.timeout(200)
+def test_a_straggler_holds_back_sync_but_not_async(tmp_path):
+    delay = 0.02
+    rows = compare.stragglers(TASK, delay=delay, timeout=120)
+    sync, asynchronous = rows.loc["PS sync + straggler"], rows.loc["PS async + straggler"]
+    assert sync["wall_s"] >= PLAN["worker_steps"] * delay  # every sync step waits for the sleeper
+    pushes = {r["rank"]: len(r["steps"]["step"]) for r in results(rows, "PS async + straggler") if r["role"] == "worker"}
+    assert pushes[3] < max(pushes[1], pushes[2])  # async: the others do the straggler's share
+    assert sync["samples"] == PLAN["worker_steps"] * 3 * 32 and sync["accuracy"] > 0.6 and asynchronous["accuracy"] > 0.6

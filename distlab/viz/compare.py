@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from ..compare import ARCHITECTURES, busiest_bytes_per_sync
+from ..compare import ARCHITECTURES, PAYLOAD, busiest_bytes_per_sync
 
 MB = 1e6
 METRICS = {  # column: (subplot title, scale)
@@ -28,11 +28,14 @@ def colour(architecture: str) -> str:
     return qualitative.Plotly[i % len(qualitative.Plotly)]
 
 
+LABEL_POSITION = {"PS async": "bottom center", "gossip ring": "bottom center"}  # keep neighbours' labels apart
+
+
 def _accuracy_vs(table: pd.DataFrame, column: str, scale: float, x_title: str, title: str, log: bool) -> go.Figure:
     fig = go.Figure()
     for name, row in table.iterrows():
         fig.add_trace(go.Scatter(x=[row[column] / scale], y=[row["accuracy"]], name=name, mode="markers+text",
-                                 text=[name], textposition="top center", marker={"size": 12, "color": colour(name)}))
+                                 text=[name], textposition=LABEL_POSITION.get(name, "top center"), marker={"size": 12, "color": colour(name)}))
     fig.update_layout(title=title, xaxis={"title": x_title, "type": "log" if log else "linear"},
                       yaxis={"title": "final test accuracy"}, height=380)
     return fig
@@ -80,18 +83,26 @@ def bytes_by_rank(table: pd.DataFrame) -> go.Figure:
     return fig
 
 
+COST_MODELS = {  # one line per cost model, named with the architectures that follow it
+    "ring all-reduce: 2(N−1)/N": "all-reduce",
+    "gossip ring: 2 neighbours": "gossip ring",
+    "full gossip, server, aggregator: N−1": "gossip full",
+}
+
+
 def scaling(table: pd.DataFrame, sizes=(4, 8, 16, 32, 64, 128, 256)) -> go.Figure:
-    """The cost model: what the busiest rank sends per communication round as the cluster grows,
-    with the measured rounds (bytes_busiest / syncs, message headers included) marked."""
+    """The cost model: copies of the model the busiest rank sends per communication round as the
+    cluster grows, with the measured rounds (bytes_busiest / syncs, message headers included) marked."""
     fig = go.Figure()
+    for k, (label, architecture) in enumerate(COST_MODELS.items()):
+        copies = [busiest_bytes_per_sync(architecture, n) / PAYLOAD for n in sizes]
+        fig.add_trace(go.Scatter(x=list(sizes), y=copies, name=label, mode="lines",
+                                 line={"color": "#888", "dash": ("solid", "dot", "dash")[k]}))
     n_measured = len(table["bytes_by_rank"].iloc[0])
     for name, row in table.iterrows():
-        model = [busiest_bytes_per_sync(name, n) / MB for n in sizes]
-        fig.add_trace(go.Scatter(x=list(sizes), y=model, name=name, mode="lines", line={"color": colour(name)}))
-        fig.add_trace(go.Scatter(x=[n_measured], y=[row["bytes_busiest"] / row["syncs"] / MB], mode="markers",
-                                 marker={"color": colour(name), "size": 11, "symbol": "circle-open"},
-                                 name=f"{name} (measured)", showlegend=False))
-    fig.update_layout(title="Busiest rank's bytes per communication round vs ranks (lines: cost model; circles: measured)",
+        fig.add_trace(go.Scatter(x=[n_measured], y=[row["bytes_busiest"] / row["syncs"] / PAYLOAD], mode="markers",
+                                 marker={"color": colour(name), "size": 10}, name=f"measured: {name}"))
+    fig.update_layout(title="Busiest rank: model copies sent per communication round vs ranks (lines: cost model)",
                       xaxis={"title": "ranks N (log scale)", "type": "log"},
-                      yaxis={"title": "bytes per round, busiest rank (MB, log scale)", "type": "log"}, height=400)
+                      yaxis={"title": "model copies per round (log scale)", "type": "log"}, height=420)
     return fig
