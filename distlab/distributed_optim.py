@@ -16,7 +16,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from . import data, models
 from .comm import Comm, nbytes
-from .optim import adam_update, make
+from .optim import Adam, adam_update, make
 
 # ---------------------------------------------------------------- synchronous data parallelism
 
@@ -97,11 +97,11 @@ class ShardedAdam:
 
 
 def state_bytes(optimizer) -> int:
-    """Bytes of optimizer state this rank holds (tensors only)."""
+    """Bytes of optimizer state this rank holds (tensors only); for a ZeroRedundancyOptimizer pass its
+    `.optim`, the optimizer of this rank's own parameters."""
     if isinstance(optimizer, ShardedAdam):
         return nbytes(optimizer.m) + nbytes(optimizer.v)
-    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps its shard's optimizer here
-    return sum(nbytes(t) for state in inner.state.values() for t in state.values() if torch.is_tensor(t))
+    return sum(nbytes(t) for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
 
 
 # ---------------------------------------------------------------- rank functions
@@ -191,9 +191,7 @@ def compare_zero(ctx, steps: int = 20, lr: float = 1e-2, batch: int = 16, sizes:
                  dtype: torch.dtype = torch.float32) -> dict:
     """The same k Adam steps four ways: ours unsharded, ours ZeRO-1, torch.optim.Adam, torch's
     ZeroRedundancyOptimizer. Returns state bytes per rank and the largest parameter differences."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    from .optim import Adam
+    from torch.distributed.optim import ZeroRedundancyOptimizer  # imported here: it pulls in FSDP (seconds)
 
     x, y, _, _ = data.digits(ctx.rank, ctx.world_size)
     x = x.to(dtype)
@@ -215,7 +213,7 @@ def compare_zero(ctx, steps: int = 20, lr: float = 1e-2, batch: int = 16, sizes:
     flat = {name: parameters_to_vector(model.parameters()) for name, model in copies.items()}
     return {
         "params": flat["adam"].numel(),
-        "state_bytes": {name: state_bytes(opt) for name, opt in opts.items()},
+        "state_bytes": {name: state_bytes(opt.optim if name == "zero" else opt) for name, opt in opts.items()},
         "sharded_vs_adam": (flat["sharded"] - flat["adam"]).abs().max().item(),
         "zero_vs_torch": (flat["zero"] - flat["torch"]).abs().max().item(),
         "adam_vs_torch": (flat["adam"] - flat["torch"]).abs().max().item(),
