@@ -5,7 +5,9 @@
 
 Every path places its tensors on ctx.device, so with backend="auto" the same script runs on GPUs
 (NCCL, one GPU per rank) unchanged. Throughput is taken from the ranks' own step timestamps
-(ctx.log rows), after `--warmup` steps, so start-up and launch overhead are excluded.
+(ctx.log rows), after `--warmup` steps, so start-up and launch overhead are excluded. The single
+process runs alone with every core's threads, and again with one thread (on a busy machine, OpenMP
+threads that wait for each other can make the first much slower than the second).
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
     cfg = gpt.GPTConfig(block_size=args.block, d_model=args.d_model, n_head=args.heads, n_layer=args.layers)
+    single = dict(steps=args.steps, batch_size=args.batch, cfg=cfg)
     setups = {
-        "single process": (single_train, dict(steps=args.steps, batch_size=args.batch, cfg=cfg)),
+        "single process": (single_train, single),
+        "single process, 1 thread": (single_train, dict(single, threads=1)),
         f"pipeline GPipe, p={args.ranks}, m={args.micro_batches}": (pp.pipeline_train, dict(
             schedule="gpipe", micro_batches=args.micro_batches, batch_size=args.batch, steps=args.steps, lr=0.1, cfg=cfg)),
         f"pipeline 1F1B, p={args.ranks}, m={args.micro_batches}": (pp.pipeline_train, dict(
