@@ -28,7 +28,7 @@ def colour(architecture: str) -> str:
     return qualitative.Plotly[i % len(qualitative.Plotly)]
 
 
-LABEL_POSITION = {"PS async": "bottom center", "gossip ring": "bottom center"}  # keep neighbours' labels apart
+LABEL_POSITION = {"PS async": "bottom center"}  # keep neighbours' labels apart
 
 
 def _accuracy_vs(table: pd.DataFrame, column: str, scale: float, x_title: str, title: str, log: bool) -> go.Figure:
@@ -37,7 +37,8 @@ def _accuracy_vs(table: pd.DataFrame, column: str, scale: float, x_title: str, t
         fig.add_trace(go.Scatter(x=[row[column] / scale], y=[row["accuracy"]], name=name, mode="markers+text",
                                  text=[name], textposition=LABEL_POSITION.get(name, "top center"), marker={"size": 12, "color": colour(name)}))
     fig.update_layout(title=title, xaxis={"title": x_title, "type": "log" if log else "linear"},
-                      yaxis={"title": "final test accuracy"}, height=380)
+                      yaxis={"title": "final test accuracy",  # room for the labels above and below the points
+                             "range": [table["accuracy"].min() - 0.02, table["accuracy"].max() + 0.02]}, height=380)
     return fig
 
 
