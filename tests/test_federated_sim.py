@@ -40,13 +40,14 @@ def test_round_plan_samples_C_drops_and_cuts_stragglers_short():
     assert len(attackers_of(50, Config(attackers=0.2))) == 10
 
 
-def test_vectorized_and_loop_engines_train_the_same_model():
+def test_vectorized_vmap_and_loop_engines_train_the_same_model():
     """Uneven clients, FedProx, FedAdam, dropouts and partial stragglers: the same arithmetic either way."""
     fed = fd.digits(8, "dirichlet", alpha=0.5)
     config = Config(rounds=3, fraction=0.75, epochs=1, batch_size=16, lr=0.1, mu=0.1, server="adam",
                     server_lr=0.01, dropout=0.2, stragglers=0.4, drop_stragglers=False)
     vectorized, loop = simulate(fed, config, "vectorized"), simulate(fed, config, "loop")
     assert largest_gap(vectorized.params, loop.params) < 1e-5
+    assert largest_gap(vectorized.params, simulate(fed, config, "vmap").params) < 1e-5  # built-in vmap, same model
     assert [h["clients"] for h in vectorized.history] == [h["clients"] for h in loop.history]
     with pytest.raises(ValueError, match="engine must be one of"):
         simulate(fed, config, "threads")

@@ -7,7 +7,9 @@ epochs of batch size B on its own data (plus FedProx's proximal term μ/2·‖w 
 Two ways to train the sampled clients, same arithmetic: `train_client` (one client after another,
 an nn.Module and torch.optim.SGD, what the client ranks of federated_ranks.py run) and
 `train_clients_vectorized` (all sampled clients at once: their parameters stacked along a client
-dimension, the model run by torch.func.functional_call under vmap, one backward for all).
+dimension, one forward and one backward for all). Its forward is either written out as batched
+matrix products (`stacked_mlp`, the fast one) or any model run by torch.func.functional_call under
+torch.func.vmap (`vmapped`, the general built-in); a test checks they agree.
 """
 
 from __future__ import annotations
@@ -165,9 +167,26 @@ def train_client(global_params: Update, x, y, client_batches: torch.Tensor, conf
     return [p.detach() - g for p, g in zip(model.parameters(), global_params)]
 
 
+def stacked_mlp(params: Update, x: torch.Tensor) -> torch.Tensor:
+    """dl.models.mlp's forward with a leading client dimension: weights [clients, out, in], biases
+    [clients, out], x [clients, batch, in]; one batched matrix product per layer."""
+    for i in range(0, len(params), 2):
+        x = torch.baddbmm(params[i + 1].unsqueeze(1), x, params[i].transpose(1, 2))
+        if i < len(params) - 2:
+            x = torch.relu(x)
+    return x
+
+
+def vmapped(config: Config) -> Callable:
+    """The same forward for any model: torch.func.functional_call under torch.func.vmap over the clients."""
+    model = mlp(*config.model)
+    names = [name for name, _ in model.named_parameters()]
+    return vmap(lambda params, xb: functional_call(model, dict(zip(names, params)), (xb,)))
+
+
 def train_clients_vectorized(global_params: Update, data: list[tuple], schedules: list[torch.Tensor],
-                             config: Config) -> list[Update]:
-    """Local SGD on all clients together: parameters stacked [clients, ...], the model vmapped.
+                             config: Config, forward: Callable = stacked_mlp) -> list[Update]:
+    """Local SGD on all clients together: parameters stacked [clients, ...], forward(stacked, x).
 
     Clients are sorted by how many steps they take, so at step t the ones still training are a prefix
     and only that prefix is computed. Batch padding (-1) has zero weight in the loss.
@@ -186,10 +205,6 @@ def train_clients_vectorized(global_params: Update, data: list[tuple], schedules
     idx = torch.where(real, idx + offsets[:-1].view(m, 1, 1), 0)
     steps = torch.tensor([len(schedules[i]) for i in order])
     active = (steps > torch.arange(longest).unsqueeze(1)).sum(1).tolist()  # clients still training at step t
-
-    model = mlp(*config.model)
-    names = [name for name, _ in model.named_parameters()]
-    forward = vmap(lambda params, xb: functional_call(model, dict(zip(names, params)), (xb,)))
     stacked = [g.expand(m, *g.shape).clone() for g in global_params]
     for t in range(longest):
         a = active[t]
@@ -271,12 +286,13 @@ class FederatedRun:
         return self.history[-1]["accuracy"]
 
 
-ENGINES = ("vectorized", "loop")
+ENGINES = ("vectorized", "vmap", "loop")
 
 
 def simulate(fed: Federation, config: Config, engine: str = "vectorized",
              on_round: Callable[[dict], None] | None = None) -> FederatedRun:
-    """Run config.rounds rounds of federated training in this process; engine: "vectorized" or "loop"."""
+    """Run config.rounds rounds of federated training in this process; engine: "vectorized" (batched
+    matrix products), "vmap" (functional_call under vmap) or "loop" (one client after another)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     params, optimizer = initial_params(config), ServerOptimizer(config.server, config.server_lr)
@@ -287,8 +303,9 @@ def simulate(fed: Federation, config: Config, engine: str = "vectorized",
         plan = plan_round(fed.sizes, config, r)
         data = [client_data(fed, k, config, attackers) for k, _ in plan]
         schedules = [batches(len(y), steps, config, r, k) for (k, steps), (_, y) in zip(plan, data)]
-        if engine == "vectorized" and plan:
-            updates = train_clients_vectorized(params, data, schedules, config)
+        if engine != "loop" and plan:
+            forward = stacked_mlp if engine == "vectorized" else vmapped(config)
+            updates = train_clients_vectorized(params, data, schedules, config, forward)
         else:
             updates = [train_client(params, x, y, s, config) for (x, y), s in zip(data, schedules)]
         results = [(poison(u, k, config, attackers), len(y)) for u, (k, _), (_, y) in zip(updates, plan, data)]
