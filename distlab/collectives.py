@@ -85,7 +85,7 @@ def naive_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, events: Events 
 
 # -- ring: reduce-scatter, then all-gather (Patarasuk & Yuan 2009; Baidu, Horovod) ---------------------
 
-SEGMENT_BYTES = 1 << 20  # a reduce-scatter chunk travels in segments this big, so adding one overlaps the next's transfer
+SEGMENT_BYTES = 4 << 20  # big chunks travel in segments of this size: adding one overlaps the next one's transfer
 
 
 def _reduce_pipelined(send: torch.Tensor, dst: int, into: torch.Tensor, buffer: torch.Tensor, src: int, reduce,
