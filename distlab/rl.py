@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-OBS, ACTIONS, MAX_LEN = 4, 2, 500  # CartPole-v1: 4 numbers observed, push left/right, 500 steps at most
+OBS, ACTIONS = 4, 2  # CartPole-v1: 4 numbers observed, push left or right (episodes end by 500 steps)
 MODES = ("sync", "async")
 
 

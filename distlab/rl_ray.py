@@ -25,7 +25,7 @@ def start(num_cpus: int = 2, attempts: int = 2) -> None:
         if ray.is_initialized():
             return
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="error")
         except Exception as error:  # Ray raises a bare Exception: "The current node timed out during startup"
             ray.shutdown()
             if attempt == attempts or "timed out during startup" not in str(error):

@@ -7,6 +7,7 @@ dl.launch(rl.train, ...)); the comparisons take a dict label -> result.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
@@ -75,22 +76,30 @@ def throughput_figure(table: pd.DataFrame, per_step: float | None = None,
         rows = rows.sort_values("actors")
         fig.add_trace(go.Scatter(x=rows["actors"], y=rows["steps_per_s"], mode="lines+markers", name=engine,
                                  line=dict(color=_colour(i))))
+    low, high = table["steps_per_s"].min(), table["steps_per_s"].max()
     if per_step is not None:
-        fig.add_hline(y=per_step, line_dash="dot", line_color="grey",
-                      annotation_text=f"per-step ray.get loop: {per_step:.0f} steps/s")
+        fig.add_hline(y=per_step, line_dash="dot", line_color="grey", annotation_position="top left",
+                      annotation_text=f"seed's per-step ray.get loop: {per_step:,.0f} steps/s")
+        low = min(low, per_step)
     fig.update_xaxes(title_text="rollout actors", tickvals=sorted(table["actors"].unique()))
-    fig.update_yaxes(title_text="environment steps per second", type="log")
+    fig.update_yaxes(title_text="environment steps per second", type="log",
+                     range=[np.log10(low / 2), np.log10(high * 2)])
     fig.update_layout(title=title, height=380, legend_title_text="engine")
     return fig
 
 
-def staleness_figure(runs: dict, title: str = "How stale was each trajectory? (versions behind the learner)") -> go.Figure:
-    """Share of trajectories collected k policy versions behind the learner that consumed them, per run."""
+def staleness_figure(runs: dict, cap: int = 10,
+                     title: str = "How stale was each trajectory? (versions behind the learner)") -> go.Figure:
+    """Share of trajectories that arrived k policy versions behind the learner (k >= `cap` in one bar), per run;
+    the legend counts those dropped for exceeding `max_staleness` (or arriving after the run ended)."""
     fig = go.Figure()
     for i, (name, source) in enumerate(runs.items()):
-        share = episodes(source)["staleness"].value_counts(normalize=True).sort_index()
-        fig.add_trace(go.Bar(x=share.index, y=share.values, name=name, marker_color=_colour(i)))
-    fig.update_xaxes(title_text="staleness: learner version − version the trajectory was collected with", dtick=1)
+        eps = episodes(source)
+        share = eps["staleness"].clip(upper=cap).value_counts(normalize=True).sort_index()
+        label = f"{name}: {(~eps['used']).sum()} of {len(eps)} dropped"
+        fig.add_trace(go.Bar(x=share.index, y=share.values, name=label, marker_color=_colour(i)))
+    fig.update_xaxes(title_text="staleness: learner version − version the trajectory was collected with",
+                     tickvals=list(range(cap + 1)), ticktext=[str(k) for k in range(cap)] + [f"≥{cap}"])
     fig.update_yaxes(title_text="share of trajectories", tickformat=".0%")
     fig.update_layout(title=title, height=360, barmode="group", legend_title_text="run")
     return fig
