@@ -219,9 +219,10 @@ def train_clients_vectorized(global_params: Update, data: list[tuple], schedules
         with torch.no_grad():
             for p, grad in zip(stacked, grads):
                 p[:a] -= config.lr * grad
+    deltas = [p - g for p, g in zip(stacked, global_params)]
     updates: list[Update] = [[] for _ in range(m)]
     for row, i in enumerate(order):
-        updates[i] = [p[row] - g for p, g in zip(stacked, global_params)]
+        updates[i] = [d[row] for d in deltas]
     return updates
 
 
