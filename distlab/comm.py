@@ -39,8 +39,8 @@ class Comm:
         self._record(op, 0 if tensor is None else nbytes(tensor), time.perf_counter() - start, tag)
         return out
 
-    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, tag: str = "train") -> torch.Tensor:
-        self._timed("all_reduce", tensor, lambda: dist.all_reduce(tensor, op=op), tag)
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, tag: str = "train", group=None) -> torch.Tensor:
+        self._timed("all_reduce", tensor, lambda: dist.all_reduce(tensor, op=op, group=group), tag)
         return tensor
 
     def all_reduce_async(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, tag: str = "train") -> Pending:
@@ -64,6 +64,17 @@ class Comm:
     def recv(self, tensor: torch.Tensor, src: int, tag: str = "train") -> torch.Tensor:
         self._timed("recv", tensor, lambda: dist.recv(tensor, src=src), tag)
         return tensor
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: str = "train") -> Pending:
+        """Start a send and return at once; `.wait()` finishes and records it (seconds: start to wait)."""
+        start = time.perf_counter()
+        work = dist.isend(tensor, dst=dst)
+        return Pending(work, lambda: self._record("send", nbytes(tensor), time.perf_counter() - start, tag))
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: str = "train") -> Pending:
+        start = time.perf_counter()
+        work = dist.irecv(tensor, src=src)
+        return Pending(work, lambda: self._record("recv", nbytes(tensor), time.perf_counter() - start, tag))
 
     def barrier(self, tag: str = "train") -> None:
         self._timed("barrier", None, dist.barrier, tag)

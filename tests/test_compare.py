@@ -65,7 +65,8 @@ def test_every_architecture_processes_the_same_number_of_examples(table):
     assert table.loc["FedAvg", "samples"] == PLAN["samples"]  # every client's examples once per round
     # async: the servers stop at the budget of pushes; pushes already in flight may add one per other worker
     assert 0 <= table.loc["PS async", "samples"] - PLAN["worker_steps"] * 3 * 32 <= 2 * 32
-    assert (abs(table["samples"] - PLAN["samples"]) <= 0.01 * PLAN["samples"]).all()
+    # so every row is within rounding to whole steps plus those two in-flight pushes of the same total
+    assert (abs(table["samples"] - PLAN["samples"]) <= 32 + 2 * 32).all()
 
 
 @pytest.mark.timeout(400)

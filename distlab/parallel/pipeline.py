@@ -62,9 +62,7 @@ def schedule_for(name: str, m: int, p: int, stage: int) -> list[Action]:
 def isend(ctx, tensor: torch.Tensor, dst: int, tag: str) -> Pending:
     """A non-blocking send, counted like ctx.comm's ops. Blocking sends would deadlock 1F1B: in its
     steady state neighbours send to each other at the same moment (activations down, gradients up)."""
-    start = time.perf_counter()
-    work = dist.isend(tensor, dst)
-    return Pending(work, lambda: ctx.comm._record("send", nbytes(tensor), time.perf_counter() - start, tag))
+    return ctx.comm.isend(tensor, dst, tag)
 
 
 class SavedBytes:
@@ -255,7 +253,7 @@ def data_pipeline(ctx, dp: int = 2, pp: int = 2, schedule: str = "1f1b", micro_b
 
     def average_over_dp(module: nn.Module) -> None:
         for q in module.parameters():
-            ctx.comm._timed("all_reduce", q.grad, lambda g=q.grad: dist.all_reduce(g, group=dp_group), "dp")
+            ctx.comm.all_reduce(q.grad, tag="dp", group=dp_group)
             q.grad /= dp
 
     out = pipeline_train(ctx, schedule, micro_batches, batch_size, steps, lr, seed=seed,
