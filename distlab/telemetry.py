@@ -17,7 +17,7 @@ from torch import nn
 
 from .comm import Comm
 
-TRAIN_TAGS = ("train", "ddp")  # traffic of the algorithm itself; anything else is telemetry overhead
+OVERHEAD_TAG = "telemetry"  # what watching costs; every other tag is the algorithm's own traffic
 
 
 def metrics_file(run_dir: Path, rank: int) -> Path:
@@ -60,7 +60,7 @@ class Telemetry:
         lines = []
         while self._queued:
             t, op, tag, payload, seconds = self._queued.popleft()
-            kind = "comm" if tag in TRAIN_TAGS else "overhead"
+            kind = "overhead" if tag == OVERHEAD_TAG else "comm"
             totals[f"{kind}_bytes"] += payload
             totals[f"{kind}_seconds"] += seconds
             row = {"rank": self.rank, "t": t, "op": op, "tag": tag, "bytes": payload, "seconds": seconds}

@@ -1,0 +1,386 @@
+"""Parameter server (master-worker): server ranks hold the parameters, worker ranks pull, compute, push.
+
+Ranks 0..k-1 are servers, each holding one contiguous range of the flattened parameters (split
+evenly, or snapped to whole tensors); the other ranks are workers, each with its own shard of the data
+(Li et al. 2014, "Scaling Distributed Machine Learning with the Parameter Server").
+
+One server loop covers BSP, SSP and ASP through a staleness bound s (Ho et al. 2013, "More Effective
+Distributed ML via a Stale Synchronous Parallel Parameter Server"). A worker's clock is the number of
+pushes it made; a server answers its pull only when it is at most s clocks ahead of the slowest live
+worker, and records that gap as the read's `clock_staleness`.
+- s = 0 (BSP, "sync"): the pushes of a step are averaged and applied as one update: data-parallel SGD.
+- s > 0: each push is applied as it arrives, scaled by 1/(live workers), so a full round of pushes
+  moves the parameters as far as one BSP step. s = inf is ASP ("async").
+Every applied update also records `version_staleness`: the server's version now minus the version
+the worker pulled (versions count applied updates).
+
+A worker that goes silent while the server waits for it is declared dead after `failure_timeout`
+seconds and training goes on without it. A server's receiving thread takes every message
+(`recv` from any source) and queues it, so the main loop can wait with a timeout: gloo cannot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import queue
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .. import data, models
+from ..comm import nbytes
+
+PULL, PUSH, BYE, TOMBSTONE = 0, 1, 2, 3  # message kinds, worker -> server
+HEADER, PAYLOAD, REPLY_HEADER, REPLY_PAYLOAD = 1, 2, 3, 4  # point-to-point tags
+SHARDINGS = ("range", "tensor")
+
+
+# -- what the servers hold ----------------------------------------------------------------------------
+
+def build_model(seed: int = 0, hidden: int = 32) -> nn.Module:
+    """The digits MLP every rank builds the same way, so servers start from identical parameters."""
+    torch.manual_seed(seed)
+    return models.mlp(64, hidden, 10)
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    return nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
+def shard_bounds(sizes: list[int], servers: int, by: str = "range") -> list[tuple[int, int]]:
+    """[lo, hi) of the flat parameter vector each server holds: an even split of the key range
+    ("range"), or the same split with each cut moved to the nearest tensor boundary ("tensor")."""
+    if by not in SHARDINGS:
+        raise ValueError(f"shard must be one of {SHARDINGS}, got {by!r}")
+    total = sum(sizes)
+    if not 1 <= servers <= (len(sizes) if by == "tensor" else total):
+        raise ValueError(f"servers must be between 1 and {len(sizes)} for shard={by!r}, got {servers}")
+    cuts = [round(total * j / servers) for j in range(servers + 1)]
+    if by == "tensor":
+        edges = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        for j in range(1, servers):
+            free = [e for e in edges if cuts[j - 1] < e < total]
+            cuts[j] = min(free, key=lambda e: abs(e - cuts[j]))
+    return list(zip(cuts, cuts[1:]))
+
+
+# -- the worker ----------------------------------------------------------------------------------------
+
+def batch_order(worker: int, seed: int) -> torch.Generator:
+    """The minibatch sampler of one worker; the data-parallel reference uses the same one."""
+    return torch.Generator().manual_seed(seed * 1000 + worker)
+
+
+def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+class Worker:
+    """Pull all shards, compute a gradient on a minibatch of its data, push each shard's part."""
+
+    def __init__(self, ctx, bounds, seed: int, hidden: int):
+        self.bounds = bounds
+        self.index = ctx.rank - len(bounds)
+        self.x, self.y, _, _ = data.digits(self.index, ctx.world_size - len(bounds))
+        self.order = batch_order(self.index, seed)
+        self.model = build_model(seed, hidden)
+        self.flat = flat_parameters(self.model)
+        self.versions = [0] * len(bounds)
+        self.gaps = [0] * len(bounds)
+
+    def pull(self, clock: int) -> bool:
+        """Ask every server for its shard (replies posted first, so no server waits on another).
+        False when a server says the job is done."""
+        headers = [torch.zeros(3, dtype=torch.int64) for _ in self.bounds]
+        pending = []
+        for server, (lo, hi) in enumerate(self.bounds):
+            pending.append(dist.irecv(headers[server], src=server, tag=REPLY_HEADER))
+            pending.append(dist.irecv(self.flat[lo:hi], src=server, tag=REPLY_PAYLOAD))
+        for server in range(len(self.bounds)):
+            dist.send(torch.tensor([PULL, clock, 0, 0]), dst=server, tag=HEADER)
+        for work in pending:
+            work.wait()
+        self.versions = [int(h[0]) for h in headers]
+        self.gaps = [int(h[1]) for h in headers]
+        nn.utils.vector_to_parameters(self.flat, self.model.parameters())
+        return not any(h[2] for h in headers)
+
+    def push(self, clock: int, grad: torch.Tensor) -> None:
+        for server, (lo, hi) in enumerate(self.bounds):
+            header = torch.tensor([PUSH, clock, self.versions[server], self.gaps[server]])
+            dist.send(header, dst=server, tag=HEADER)
+            dist.send(grad[lo:hi].contiguous(), dst=server, tag=PAYLOAD)
+
+    def say(self, kind: int) -> None:
+        for server in range(len(self.bounds)):
+            dist.send(torch.tensor([kind, 0, 0, 0]), dst=server, tag=HEADER)
+
+
+def run_worker(ctx, worker: Worker, batch, delay, slow, jitter, crash_at, seed, t0) -> dict:
+    """Pull, compute, push until the servers say the job is done (or until crashing at `crash_at`).
+
+    A slow worker sleeps `delay` seconds every step; any worker does so at a step with probability `jitter`.
+    """
+    rows = {"step": [], "t": [], "loss": [], "clock_staleness": [], "wait": []}
+    hiccups = torch.Generator().manual_seed(seed * 1000 + ctx.rank)
+    crashed = None
+    for step in itertools.count():
+        if step == crash_at:
+            crashed = step  # silently stop: no goodbye, the servers must notice on their own
+            break
+        start = time.perf_counter()
+        if not worker.pull(step):
+            break
+        waited = time.perf_counter() - start
+        if slow or torch.rand(1, generator=hiccups).item() < jitter:
+            time.sleep(delay)
+        pick = torch.randint(len(worker.x), (batch,), generator=worker.order)
+        loss, grad = gradient(worker.model, worker.x[pick], worker.y[pick])
+        worker.push(step, grad)
+        for key, value in zip(rows, (step, time.time() - t0, loss, max(worker.gaps), waited)):
+            rows[key].append(value)
+        ctx.log(step=step, loss=loss, clock_staleness=max(worker.gaps), wait=waited)
+    wall = time.time() - t0
+    if crashed is None:
+        worker.say(BYE)
+    dist.barrier()  # training is over everywhere
+    if crashed is not None:
+        worker.say(TOMBSTONE)  # lets the servers' receiving threads end; a real crash closes the sockets
+    return {"role": "worker", "rank": ctx.rank, "steps": rows, "crashed_at": crashed, "wall_s": wall}
+
+
+# -- the server ----------------------------------------------------------------------------------------
+
+def receive_messages(inbox: queue.Queue, shard: int, n_workers: int, counts: dict) -> None:
+    """The server's receiving thread: every header (and push payload) from any worker, queued in order.
+
+    It ends after one last message from each worker: BYE, or the TOMBSTONE of one that crashed.
+    """
+    endings = 0
+    while endings < n_workers:
+        header = torch.zeros(4, dtype=torch.int64)
+        src = dist.recv(header, src=None, tag=HEADER)
+        grad = None
+        if header[0] == PUSH:
+            grad = torch.empty(shard)
+            dist.recv(grad, src=src, tag=PAYLOAD)
+        counts[src] = counts.get(src, 0) + nbytes(header) + (0 if grad is None else nbytes(grad))
+        endings += int(header[0] in (BYE, TOMBSTONE))
+        inbox.put((time.time(), src, header.tolist(), grad))
+
+
+class Server:
+    """One shard of the parameters, the workers' clocks, and the rule for when a pull may be answered."""
+
+    def __init__(self, params: torch.Tensor, workers: list[int], staleness: float, lr: float, budget: int,
+                 failure_timeout: float, t0: float):
+        self.params, self.staleness, self.lr, self.budget = params, staleness, lr, budget
+        self.failure_timeout, self.t0 = failure_timeout, t0
+        self.clock = {w: 0 for w in workers}
+        self.state = {w: "live" for w in workers}  # live, done, dead
+        self.heard = {w: time.time() for w in workers}
+        self.waiting: dict[int, tuple[int, float]] = {}  # worker -> (clock, since) of a pull on hold
+        self.version, self.pushes = 0, 0
+        self.round_sum, self.round_pushes = torch.zeros_like(params), 0
+        self.updates = {k: [] for k in ("t", "worker", "clock", "version", "version_staleness", "clock_staleness")}
+        self.pulls = {k: [] for k in ("t", "worker", "clock", "clock_staleness", "wait")}
+        self.events: list[dict] = []
+        self.bytes_out: dict[int, int] = {}
+
+    def not_dead(self) -> list[int]:
+        return [w for w, s in self.state.items() if s != "dead"]
+
+    def slowest_clock(self) -> int:
+        return min(self.clock[w] for w in self.not_dead())
+
+    def handle(self, at: float, src: int, header: list[int], grad: torch.Tensor | None) -> None:
+        kind, clock, pulled_version, gap = header
+        self.heard[src] = at
+        if self.state[src] == "dead":
+            self.state[src] = "live"  # suspected wrongly: it was only slow
+            self.events.append({"t": at - self.t0, "worker": src, "event": "back"})
+        if kind == PULL:
+            self.waiting[src] = (clock, at)
+        elif kind == PUSH:
+            self.apply(src, clock, pulled_version, gap, grad)
+        elif kind == BYE:
+            self.state[src] = "done"
+
+    def apply(self, src: int, clock: int, pulled_version: int, gap: int, grad: torch.Tensor) -> None:
+        self.clock[src] = clock + 1
+        self.pushes += 1
+        for key, value in zip(self.updates, (time.time() - self.t0, src, clock, self.version,
+                                             self.version - pulled_version, gap)):
+            self.updates[key].append(value)
+        if self.staleness == 0:
+            self.round_sum += grad
+            self.round_pushes += 1
+        else:
+            self.params -= self.lr / len(self.not_dead()) * grad
+            self.version += 1
+
+    def close_round(self) -> None:
+        """BSP: once every live worker pushed this step, apply the mean of the pushes as one update."""
+        if self.staleness == 0 and self.round_pushes and self.slowest_clock() > self.version:
+            self.params -= self.lr * self.round_sum / self.round_pushes
+            self.round_sum.zero_()
+            self.round_pushes = 0
+            self.version += 1
+
+    def suspect(self, now: float) -> None:
+        """A live worker we are not holding back and have not heard from for too long is declared dead."""
+        for w, state in self.state.items():
+            if state == "live" and w not in self.waiting and now - self.heard[w] > self.failure_timeout:
+                self.state[w] = "dead"
+                self.events.append({"t": now - self.t0, "worker": w, "event": "dead"})
+
+    def answer_pulls(self) -> None:
+        """Answer each pull on hold that the bound allows; once the job's pushes are in, answer "stop"."""
+        done = self.pushes >= self.budget
+        for w, (clock, since) in list(self.waiting.items()):
+            gap = clock - self.slowest_clock()
+            if done or (gap <= self.staleness and (self.staleness > 0 or self.version == clock)):
+                del self.waiting[w]
+                self.heard[w] = time.time()  # from now on it owes us a push: the failure clock restarts
+                header = torch.tensor([self.version, gap, int(done)])
+                dist.send(header, dst=w, tag=REPLY_HEADER)
+                dist.send(self.params, dst=w, tag=REPLY_PAYLOAD)
+                self.bytes_out[w] = self.bytes_out.get(w, 0) + nbytes(header) + nbytes(self.params)
+                if not done:
+                    for key, value in zip(self.pulls, (time.time() - self.t0, w, clock, gap, time.time() - since)):
+                        self.pulls[key].append(value)
+
+    def serving(self) -> bool:
+        return any(s == "live" for s in self.state.values())
+
+
+def run_server(ctx, bounds, staleness, lr, steps, seed, hidden, failure_timeout, t0) -> dict:
+    lo, hi = bounds[ctx.rank]
+    workers = list(range(len(bounds), ctx.world_size))
+    params = flat_parameters(build_model(seed, hidden))[lo:hi]
+    server = Server(params, workers, staleness, lr, steps * len(workers), failure_timeout, t0)
+    inbox: queue.Queue = queue.Queue()
+    bytes_in: dict[int, int] = {}
+    receiver = threading.Thread(target=receive_messages, args=(inbox, hi - lo, len(workers), bytes_in), daemon=True)
+    receiver.start()
+    busy, messages = 0.0, 0
+    while server.serving():
+        try:
+            message = inbox.get(timeout=0.02)
+        except queue.Empty:
+            message = None
+        start = time.perf_counter()
+        if message is not None:
+            server.handle(*message)
+            messages += 1
+        server.suspect(time.time())
+        server.close_round()
+        server.answer_pulls()
+        busy += time.perf_counter() - start
+    dist.barrier()  # training is over everywhere; crashed workers now send their tombstones
+    receiver.join()
+    return {"role": "server", "rank": ctx.rank, "range": (lo, hi), "params": server.params.tolist(),
+            "version": server.version, "pushes": server.pushes, "updates": server.updates, "pulls": server.pulls,
+            "events": server.events, "bytes_in": bytes_in, "bytes_out": server.bytes_out,
+            "messages": messages, "busy_s": busy, "wall_s": time.time() - t0}
+
+
+# -- the rank function ---------------------------------------------------------------------------------
+
+def _check(ctx, staleness, servers, steps, batch, lr, slow_rank, delay, jitter, crash_rank, crash_at,
+           failure_timeout):
+    if ctx.backend != "gloo":
+        raise ValueError(f"the parameter server needs backend='gloo' (it receives from any source), got {ctx.backend!r}")
+    if not (isinstance(staleness, int) or staleness == math.inf) or staleness < 0:
+        raise ValueError(f"staleness must be an integer >= 0 or math.inf, got {staleness!r}")
+    if not 1 <= servers < ctx.world_size:
+        raise ValueError(f"servers must be between 1 and world_size - 1 = {ctx.world_size - 1}, got {servers}")
+    if steps < 1 or batch < 1 or lr <= 0:
+        raise ValueError(f"steps, batch and lr must be positive, got steps={steps}, batch={batch}, lr={lr}")
+    workers = range(servers, ctx.world_size)
+    for name, rank in (("slow_rank", slow_rank), ("crash_rank", crash_rank)):
+        if rank is not None and rank not in workers:
+            raise ValueError(f"{name} must be a worker rank ({servers}..{ctx.world_size - 1}) or None, got {rank}")
+    if not 0 <= delay < failure_timeout:
+        raise ValueError(f"delay must be >= 0 and below failure_timeout={failure_timeout}, got {delay}")
+    if not 0 <= jitter <= 1:
+        raise ValueError(f"jitter must be a probability in [0, 1], got {jitter}")
+    if crash_rank is not None and not (isinstance(crash_at, int) and 0 <= crash_at < steps):
+        raise ValueError(f"crash_at must be a step in 0..{steps - 1} when crash_rank is set, got {crash_at!r}")
+
+
+def run(ctx, staleness: float = 0, servers: int = 1, steps: int = 60, batch: int = 32, lr: float = 0.2,
+        slow_rank: int | None = None, delay: float = 0.0, jitter: float = 0.0, crash_rank: int | None = None,
+        crash_at: int | None = None, failure_timeout: float = 2.0, shard: str = "range", hidden: int = 32,
+        seed: int = 0) -> dict:
+    """Train the digits MLP on a parameter server with staleness bound `staleness` (0 BSP, inf ASP).
+
+    The job is `steps` x workers minibatch gradients: the servers answer "stop" once they got that
+    many pushes, so under ASP fast workers take more steps and a straggler fewer. `slow_rank` sleeps
+    `delay` seconds per step (a straggler), every worker with probability `jitter` per step (transient
+    stragglers); `crash_rank` stops silently at step `crash_at`. Returns this rank's record: a server's updates, pulls, events, bytes and final shard,
+    or a worker's loss, clock staleness and waiting time per step.
+    """
+    _check(ctx, staleness, servers, steps, batch, lr, slow_rank, delay, jitter, crash_rank, crash_at, failure_timeout)
+    sizes = [p.numel() for p in build_model(seed, hidden).parameters()]
+    bounds = shard_bounds(sizes, servers, shard)
+    ctx.set_total(steps)
+    worker = Worker(ctx, bounds, seed, hidden) if ctx.rank >= servers else None  # data loaded before the clock starts
+    dist.barrier()
+    t0 = time.time()
+    if worker is None:
+        return run_server(ctx, bounds, staleness, lr, steps, seed, hidden, failure_timeout, t0)
+    crash = crash_at if ctx.rank == crash_rank else None
+    return run_worker(ctx, worker, batch, delay, ctx.rank == slow_rank, jitter, crash, seed, t0)
+
+
+MODES = {"sync": 0, "async": math.inf}
+
+
+def train(ctx, mode: str = "sync", **options) -> dict:
+    """The parameter server in its two classic modes: "sync" (BSP, s = 0) or "async" (ASP, s = inf)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    return run(ctx, staleness=MODES[mode], **options)
+
+
+# -- the well-kept built-in, and reading the result back ----------------------------------------------
+
+def ddp_train(ctx, steps: int = 60, batch: int = 32, lr: float = 0.2, hidden: int = 32, seed: int = 0) -> list:
+    """Data-parallel SGD with DistributedDataParallel on the same shards and minibatches as the
+    workers: what a synchronous parameter server computes. Returns the final flat parameters."""
+    model = nn.parallel.DistributedDataParallel(build_model(seed, hidden))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    x, y, _, _ = data.digits(ctx.rank, ctx.world_size)
+    order = batch_order(ctx.rank, seed)
+    for step in range(steps):
+        pick = torch.randint(len(x), (batch,), generator=order)
+        loss = F.cross_entropy(model(x[pick]), y[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ctx.log(step=step, loss=loss.item())
+    return flat_parameters(model.module).tolist()
+
+
+def final_parameters(results: list[dict]) -> torch.Tensor:
+    """The servers' shards put back together into one flat vector."""
+    shards = sorted((r["range"], r["params"]) for r in results if r["role"] == "server")
+    return torch.tensor([v for _, params in shards for v in params])
+
+
+def accuracy(results: list[dict], hidden: int = 32) -> float:
+    """Accuracy on the held-out digits of the model the servers ended with."""
+    model = build_model(0, hidden)
+    nn.utils.vector_to_parameters(final_parameters(results), model.parameters())
+    _, _, x, y = data.digits()
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()

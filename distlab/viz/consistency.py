@@ -1,0 +1,126 @@
+"""Figures of the replicated store's consistency modes: what each mode costs and what it lets a reader see."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from ..history import stale_reads
+from ..replicated_store import History
+
+MODE_COLOURS = {"strong": qualitative.Plotly[0], "weak": qualitative.Plotly[1], "eventual": qualitative.Plotly[2]}
+KIND_COLOURS = {"read": "#636efa", "write": "#ef553b", "reply": "#b6b6b6", "replicate": "#ab63fa",
+                "update": "#ffa15a", "gossip": "#00cc96"}
+
+
+def modes_figure(summaries: list[dict]) -> go.Figure:
+    """Stale-read rate, time to convergence, messages per operation (by kind) and latency, per mode."""
+    modes = [s["mode"] for s in summaries]
+    colours = [MODE_COLOURS.get(m, "grey") for m in modes]
+    fig = make_subplots(rows=2, cols=2, vertical_spacing=0.2, subplot_titles=(
+        "stale-read rate", "time to convergence after writes stop", "messages per operation, by kind",
+        "median latency of a read / a write"))
+    labelled = {"marker_color": colours, "showlegend": False, "textposition": "outside", "cliponaxis": False}
+    rates = [s["stale_read_rate"] for s in summaries]
+    fig.add_bar(x=modes, y=rates, text=[f"{r:.0%}" for r in rates], row=1, col=1, **labelled)
+    converge_ms = [1000 * (s["convergence_s"] or 0) for s in summaries]
+    fig.add_bar(x=modes, y=converge_ms, text=[f"{ms:.1f} ms" for ms in converge_ms], row=1, col=2, **labelled)
+    kinds = sorted({k[4:] for s in summaries for k in s if k.startswith("msg/")})
+    ops = [s["reads"] + s["writes"] for s in summaries]
+    for kind in kinds:
+        fig.add_bar(x=modes, y=[s.get(f"msg/{kind}", 0) / n for s, n in zip(summaries, ops)], name=kind,
+                    marker_color=KIND_COLOURS.get(kind), legendgroup="messages", row=2, col=1)
+    fig.add_bar(x=[[m for m in modes for _ in "rw"], ["read", "write"] * len(modes)],
+                y=[s[f"{op}_ms"] for s in summaries for op in ("read", "write")],
+                marker_color=[c for c in colours for _ in "rw"], showlegend=False, row=2, col=2)
+    fig.update_layout(barmode="stack", height=640, title="Consistency modes: what a reader sees, what it costs",
+                      legend_title_text="message kind")
+    for i, label in enumerate(("fraction of reads", "ms", "messages / operation", "ms")):
+        fig.update_yaxes(title_text=label, row=i // 2 + 1, col=i % 2 + 1)
+        fig.update_xaxes(title_text="mode", row=i // 2 + 1, col=i % 2 + 1)
+    fig.update_yaxes(rangemode="tozero")
+    return fig
+
+
+def timeline_figure(history: History, key: str, first_ms: float = 60.0) -> go.Figure:
+    """Every operation on `key` in the first `first_ms` ms: a bar from invoke to complete, one row per rank.
+
+    Writes carry their value; stale reads (older than a write completed before they began) are red.
+    """
+    ops = [op for op in history.ops if op.key == key]
+    start = min(op.invoke for op in history.ops)
+    ops = [op for op in ops if 1000 * (op.invoke - start) <= first_ms]
+    stale = set(stale_reads(history.ops))
+    groups = {"write": [], "fresh read": [], "stale read": []}
+    for op in ops:
+        group = "write" if op.kind == "write" else ("stale read" if op in stale else "fresh read")
+        groups[group].append(op)
+    colours = {"write": "#ef553b", "fresh read": "#636efa", "stale read": "#d62728"}
+    fig = go.Figure()
+    for group, members in groups.items():
+        xs, ys, text = [], [], []
+        for op in members:
+            a, b = 1000 * (op.invoke - start), 1000 * (op.complete - start)
+            b = max(b, a + 0.15)  # a local read takes microseconds: keep it visible
+            label = f"{op.kind} {op.value} @ {op.version}"
+            xs += [a, b, None]
+            ys += [op.rank, op.rank, None]
+            text += [label, label, None]
+        fig.add_scatter(x=xs, y=ys, mode="lines+markers", name=group, text=text, hoverinfo="text",
+                        line={"width": 10 if group == "write" else 6, "color": colours[group]},
+                        marker={"size": 4})
+    fig.update_layout(title=f"{history.mode}: operations on {key} (first {first_ms:.0f} ms)", height=300,
+                      xaxis_title="time since the first operation (ms)", yaxis_title="rank",
+                      yaxis={"dtick": 1})
+    return fig
+
+
+def sweep_figure(rows: list[dict], x: str, x_label: str) -> go.Figure:
+    """Stale-read rate and time to convergence against one knob (propagation delay, gossip interval)."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("stale-read rate", "time to convergence"))
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = [r for r in rows if r["mode"] == mode]
+        style = {"name": mode, "line": {"color": MODE_COLOURS.get(mode)}, "mode": "lines+markers"}
+        fig.add_scatter(x=[1000 * r[x] for r in mine], y=[r["stale_read_rate"] for r in mine], row=1, col=1,
+                        **style)
+        fig.add_scatter(x=[1000 * r[x] for r in mine], y=[1000 * (r["convergence_s"] or 0) for r in mine],
+                        row=1, col=2, showlegend=False, **style)
+    fig.update_xaxes(title_text=x_label)
+    fig.update_yaxes(title_text="fraction of reads", row=1, col=1)
+    fig.update_yaxes(title_text="ms", row=1, col=2)
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_layout(title=f"Staleness against {x_label}", height=360)
+    return fig
+
+
+def _pushes(results: list[dict]) -> tuple[list[float], list[float]]:
+    """Every worker's (time, loss) per step, in time order."""
+    rows = sorted((t, loss) for r in results if r["role"] == "worker"
+                  for t, loss in zip(r["steps"]["t"], r["steps"]["loss"]))
+    return [t for t, _ in rows], [loss for _, loss in rows]
+
+
+def _moving_mean(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def training_figure(runs: dict[str, list[dict]], window: int = 15) -> go.Figure:
+    """Loss against iteration and against wall time, one line per staleness bound.
+
+    runs: label -> the results of distlab.consistency.train. Iteration counts gradients pushed by all
+    workers divided by the number of workers; the loss is a moving mean over `window` pushes.
+    """
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss against iteration", "loss against wall time"))
+    for i, (label, results) in enumerate(runs.items()):
+        times, losses = _pushes(results)
+        workers = sum(r["role"] == "worker" for r in results)
+        smooth = _moving_mean(losses, window)
+        style = {"name": label, "legendgroup": label, "line": {"color": qualitative.Plotly[i]}}
+        fig.add_scatter(x=[(k + 1) / workers for k in range(len(smooth))], y=smooth, row=1, col=1, **style)
+        fig.add_scatter(x=times, y=smooth, row=1, col=2, showlegend=False, **style)
+    fig.update_xaxes(title_text="iteration (pushes / workers)", row=1, col=1)
+    fig.update_xaxes(title_text="wall time (s)", row=1, col=2)
+    fig.update_yaxes(title_text=f"training loss (mean of {window} pushes)")
+    fig.update_layout(title="BSP, SSP and ASP with a straggler", height=380)
+    return fig
