@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,21 +38,31 @@ def run_local_nodes(function: str, nnodes: int = 2, nproc_per_node: int = 2, max
     command = torchrun_command(function, nnodes, nproc_per_node, endpoint, f"distlab-{secrets.token_hex(4)}",
                                max_restarts, runs_root=str(root), **kwargs)
     started = time.time()
-    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True) for _ in range(nnodes)]
+    logs = [tempfile.TemporaryFile("w+") for _ in range(nnodes)]  # files, not pipes: a full pipe blocks an agent
+    agents = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+              for log in logs]
+    deadline = time.monotonic() + timeout
     try:
-        outputs = [agent.communicate(timeout=timeout)[0] for agent in agents]
+        while any(agent.poll() is None for agent in agents) and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         for agent in agents:
             if agent.poll() is None:
                 os.killpg(agent.pid, signal.SIGKILL)
-                agent.wait()
-    if any(agent.returncode for agent in agents):
-        tails = "\n".join(f"--- node {i} ---\n{out[-3000:]}" for i, out in enumerate(outputs))
-        raise RuntimeError(f"torchrun failed (exit codes {[a.returncode for a in agents]}):\n{tails}")
+            agent.wait()
+    codes = [agent.returncode for agent in agents]
+    if any(codes):
+        tails = "\n".join(f"--- node {i} ---\n{_tail(log)}" for i, log in enumerate(logs))
+        why = f"did not finish within {timeout:.0f} s" if time.monotonic() >= deadline else f"failed ({codes})"
+        raise RuntimeError(f"torchrun {why}:\n{tails}")
     finished = [Run(p.parent) for p in root.glob("*/config.json")
                 if p.stat().st_mtime >= started and Run(p.parent).status == "ok"]
     return max(finished, key=lambda run: run.dir.stat().st_mtime)
+
+
+def _tail(log, chars: int = 3000) -> str:
+    log.seek(0)
+    return log.read()[-chars:]
 
 
 def _free_port() -> int:

@@ -68,7 +68,9 @@ def test_a_deadline_drops_the_stragglers_gradient_instead_of_waiting_for_it():
     waiting = dl.launch(resilience.train, 2, steps=6, faults=slow, timeout=120)
     dropping = dl.launch(resilience.train, 2, steps=6, faults=slow, deadline_ms=150, timeout=120)
     waited, dropped = (run.metrics.dropna(subset=["step"]) for run in (waiting, dropping))
-    assert (waited["contributors"] == 2).all() and (waited["step_seconds"] >= 0.6).all()
+    assert (waited["contributors"] == 2).all()
+    assert (waited[waited["rank"] == 1]["step_seconds"] >= 0.6).all()  # the straggler's own sleep
+    assert waited[waited["rank"] == 0]["step_seconds"].median() >= 0.9 * 0.6  # the others wait for it
     assert dropped[dropped["rank"] == 1]["loss"].isna().all()  # the slow rank never makes the deadline
     assert (dropped["contributors"] <= 1).all() and (dropped["contributors"] == 1).mean() > 0.5
     assert dropped["step_seconds"].median() < 0.5 * waited["step_seconds"].median()
@@ -86,7 +88,8 @@ def test_live_orders_reach_running_ranks_through_the_store():
     run.wait()
     assert run.status == "ok" and run.config["restarts"] == [{"attempt": 0, "failed_rank": 1}]
     rows = run.metrics.dropna(subset=["step"])
-    assert (rows["step_seconds"] >= 0.12).all()  # every step waited for the slowed rank 0
+    assert (rows[rows["rank"] == 0]["step_seconds"] >= 0.12).all()  # the order reached rank 0, both attempts
+    assert rows[rows["rank"] == 1]["step_seconds"].median() >= 0.9 * 0.12  # and rank 1 waited for it
     assert "fault injected: rank 1 killed" in run.logs(1)
 
 
