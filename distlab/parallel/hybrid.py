@@ -14,11 +14,11 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models import mlp
 from .data import SIZES, Spans, average_bucket, digits_train, flat, shard_batches, timed_allreduce_hook
+from .mesh import device_mesh
 from .model import pipeline_step, split_layers
 
 GRIDS = ("new_group", "device_mesh")
@@ -35,17 +35,6 @@ def column_groups(dp: int, mp: int):
     finally:
         for group in columns:  # warm ranks live on: free the groups' connections
             dist.destroy_process_group(group)
-
-
-@contextmanager
-def device_mesh(dp: int, mp: int, device_type: str = "cpu"):
-    """The built-in: a DeviceMesh over the default process group, axes named ("dp", "mp")."""
-    mesh = init_device_mesh(device_type, (dp, mp), mesh_dim_names=("dp", "mp"))
-    try:
-        yield mesh
-    finally:
-        for axis in ("dp", "mp"):
-            dist.destroy_process_group(mesh.get_group(axis))
 
 
 def train_hybrid(ctx, grid: str = "device_mesh", dp: int = 2, steps: int = 20, batch: int = 32, lr: float = 0.5,
@@ -71,7 +60,8 @@ def train_hybrid(ctx, grid: str = "device_mesh", dp: int = 2, steps: int = 20, b
     spans = Spans(ctx.device)
     ctx.set_total(steps)
     losses, first_grads = [], None
-    with column_groups(dp, mp) if grid == "new_group" else device_mesh(dp, mp, ctx.device.type) as axis:
+    grid_groups = column_groups(dp, mp) if grid == "new_group" else device_mesh(ctx.device.type, (dp, mp), ("dp", "mp"))
+    with grid_groups as axis:
         if grid == "device_mesh":
             stage = DDP(stage, device_mesh=axis["dp"])  # averages the stage's gradients along the column
             stage.register_comm_hook(stage.process_group, timed_allreduce_hook(spans))

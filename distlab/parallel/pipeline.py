@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import gpt
 from ..comm import Pending, nbytes
+from .mesh import device_mesh
 
 Action = tuple[str, int]  # ("F" or "B", micro-batch index)
 SCHEDULES = ("gpipe", "1f1b")
@@ -244,18 +245,16 @@ def data_pipeline(ctx, dp: int = 2, pp: int = 2, schedule: str = "1f1b", micro_b
                   batch_size: int = 16, steps: int = 2, lr: float = 0.1, seed: int = 0) -> dict:
     """Data x pipeline on a (dp, pp) DeviceMesh: dp pipelines of pp stages, each on 1/dp of the batch;
     after backward every stage averages its gradients with the same stage of the other pipelines."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     if dp * pp != ctx.world_size:
         raise ValueError(f"dp={dp} x pp={pp} must equal world_size={ctx.world_size}")
-    mesh = init_device_mesh(ctx.device.type, (dp, pp), mesh_dim_names=("dp", "pp"))
-    dp_group, dp_rank = mesh.get_group("dp"), mesh.get_local_rank("dp")
+    with device_mesh(ctx.device.type, (dp, pp), ("dp", "pp")) as mesh:
+        dp_group, dp_rank = mesh.get_group("dp"), mesh.get_local_rank("dp")
 
-    def average_over_dp(module: nn.Module) -> None:
-        for q in module.parameters():
-            ctx.comm.all_reduce(q.grad, tag="dp", group=dp_group)
-            q.grad /= dp
+        def average_over_dp(module: nn.Module) -> None:
+            for q in module.parameters():
+                ctx.comm.all_reduce(q.grad, tag="dp", group=dp_group)
+                q.grad /= dp
 
-    out = pipeline_train(ctx, schedule, micro_batches, batch_size, steps, lr, seed=seed,
-                         ranks=mesh["pp"].mesh.tolist(), data_shard=(dp_rank, dp), grad_sync=average_over_dp)
-    return dict(out, dp_rank=dp_rank)
+        out = pipeline_train(ctx, schedule, micro_batches, batch_size, steps, lr, seed=seed,
+                             ranks=mesh["pp"].mesh.tolist(), data_shard=(dp_rank, dp), grad_sync=average_over_dp)
+        return dict(out, dp_rank=dp_rank)

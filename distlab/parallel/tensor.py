@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import gpt
+from .mesh import device_mesh
 
 
 class GroupAllReduce:
@@ -184,26 +185,24 @@ def data_tensor(ctx, dp: int = 2, tp: int = 2, batch_size: int = 16, steps: int 
                 seed: int = 0, cfg: gpt.GPTConfig | None = None) -> dict:
     """Data x tensor on a (dp, tp) DeviceMesh: each tp group holds one sharded GPT and 1/dp of the batch;
     gradients are averaged over the dp axis. Communication is tagged by axis ("tp", "dp")."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     if dp * tp != ctx.world_size:
         raise ValueError(f"dp={dp} x tp={tp} must equal world_size={ctx.world_size}")
-    mesh = init_device_mesh(ctx.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    dp_rank, tp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
-    cfg = cfg or gpt.GPTConfig()
-    model = tp_gpt(gpt.gpt(cfg, seed), tp_rank, tp, GroupAllReduce(ctx, mesh.get_group("tp"), "tp")).to(ctx.device)
-    average = GroupAllReduce(ctx, mesh.get_group("dp"), "dp")
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    data, generator = gpt.encode(gpt.corpus()), torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(steps):
-        x, y = (t[dp_rank::dp].to(ctx.device) for t in gpt.batch(data, batch_size, cfg.block_size, generator))
-        optimizer.zero_grad()
-        loss = gpt.lm_loss(model(x), y)
-        loss.backward()
-        for q in model.parameters():
-            average(q.grad).div_(dp)
-        optimizer.step()
-        losses.append(loss.item())
-        ctx.log(step=step, loss=loss.item())
-    return dict(losses=losses, dp_rank=dp_rank, tp_rank=tp_rank)
+    with device_mesh(ctx.device.type, (dp, tp), ("dp", "tp")) as mesh:
+        dp_rank, tp_rank = mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
+        cfg = cfg or gpt.GPTConfig()
+        model = tp_gpt(gpt.gpt(cfg, seed), tp_rank, tp, GroupAllReduce(ctx, mesh.get_group("tp"), "tp")).to(ctx.device)
+        average = GroupAllReduce(ctx, mesh.get_group("dp"), "dp")
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        data, generator = gpt.encode(gpt.corpus()), torch.Generator().manual_seed(seed)
+        losses = []
+        for step in range(steps):
+            x, y = (t[dp_rank::dp].to(ctx.device) for t in gpt.batch(data, batch_size, cfg.block_size, generator))
+            optimizer.zero_grad()
+            loss = gpt.lm_loss(model(x), y)
+            loss.backward()
+            for q in model.parameters():
+                average(q.grad).div_(dp)
+            optimizer.step()
+            losses.append(loss.item())
+            ctx.log(step=step, loss=loss.item())
+        return dict(losses=losses, dp_rank=dp_rank, tp_rank=tp_rank)
