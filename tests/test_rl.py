@@ -20,6 +20,13 @@ def test_a_trajectory_travels_as_one_message_and_back():
     assert np.array_equal(back.rewards, traj.rewards)
 
 
+def test_a_rollout_fragment_is_whole_episodes_just_past_min_steps():
+    batch = rl.Actor(seed=4).rollouts(rl.Learner(seed=0).weights(), version=0, min_steps=300)
+    lengths = [len(t) for t in batch]
+    assert sum(lengths) >= 300 > sum(lengths[:-1])
+    assert all(t.rewards.sum() == len(t) for t in batch)  # CartPole pays 1 per step: a return is a length
+
+
 def test_returns_to_go_follow_the_definition():
     rewards = np.array([1.0, 2.0, 4.0], dtype=np.float32)
     assert np.allclose(rl.returns_to_go(rewards, 0.5), [1 + 0.5 * 2 + 0.25 * 4, 2 + 0.5 * 4, 4])
