@@ -3,8 +3,8 @@
 The seed drives an environment actor and an agent actor from the driver, one `ray.get` per call: two
 round trips through Ray per environment step, each far dearer than the step itself. The fix ships
 whole trajectories: N rollout actors run full episodes with the current weights (one call per
-episode), a learner actor updates and the driver broadcasts its weights through the object store
-once per version (ray.put). rl.py holds the pieces; this file only places them in Ray actors.
+episode, or per fragment of episodes worth at least `fragment` steps), a learner actor updates and the
+driver broadcasts its weights through the object store once per version (ray.put). rl.py holds the pieces; this file only places them in Ray actors.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ def start(num_cpus: int = 2, attempts: int = 2) -> None:
 
 
 RemoteActor = ray.remote(Actor)  # a rollout actor (or, in the seed's loop, just an environment)
-
-
 RemoteAgent = ray.remote(Agent)  # the seed's agent actor: asked for one action at a time
 
 
