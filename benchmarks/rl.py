@@ -62,7 +62,7 @@ def main(quick: bool) -> None:
                          out["env_steps"] / out["seconds"], per_step, last_100(out)))
     dl.shutdown()
     print(f"\nCartPole-v1, policy MLP 4-32-2 (+ value 4-32-1), {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}; {seconds} s per training run")
+          f"{os.getloadavg()[0]:.1f}; training runs stop after {seconds} s or once solved (195 over 100 episodes)")
     print(f"one Ray round trip: {1e3 * round_trip:.2f} ms; the per-step loop makes "
           f"{seed_loop['round_trips'] / seed_loop['steps']:.2f} per step")
     print("| design | engine | actors | env steps/s | vs per-step loop | last-100 return |")
