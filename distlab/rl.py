@@ -135,6 +135,13 @@ class Actor:
             obs = next_obs
         return Trajectory.from_rows(rows, version, self.actor)
 
+    def rollouts(self, weights: torch.Tensor, version: int, min_steps: int = 1) -> list[Trajectory]:
+        """Whole episodes until at least `min_steps` steps (RLlib's rollout fragment): one call, many episodes."""
+        out = [self.rollout(weights, version)]
+        while sum(len(t) for t in out) < min_steps:
+            out.append(self.rollout(weights, version))
+        return out
+
 
 def returns_to_go(rewards: np.ndarray, gamma: float) -> np.ndarray:
     """G_t = r_t + gamma r_{t+1} + ... to the end of the episode."""

@@ -3,8 +3,8 @@
 The seed drives an environment actor and an agent actor from the driver, one `ray.get` per call: two
 round trips through Ray per environment step, each far dearer than the step itself. The fix ships
 whole trajectories: N rollout actors run full episodes with the current weights (one call per
-episode), a learner actor updates and the driver broadcasts its weights through the object store
-once per version (ray.put). rl.py holds the pieces; this file only places them in Ray actors.
+episode, or per fragment of episodes worth at least `fragment` steps), a learner actor updates and the
+driver broadcasts its weights through the object store once per version (ray.put). rl.py holds the pieces; this file only places them in Ray actors.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ def start(num_cpus: int = 2, attempts: int = 2) -> None:
 
 
 RemoteActor = ray.remote(Actor)  # a rollout actor (or, in the seed's loop, just an environment)
-
-
 RemoteAgent = ray.remote(Agent)  # the seed's agent actor: asked for one action at a time
 
 
@@ -95,13 +93,16 @@ def round_trip_seconds(pinger, calls: int = 100) -> float:
 
 # -- the fix: whole trajectories, N rollout actors, a learner actor ----------------------------------------
 
-def trajectory_rate(actors: list, weights: torch.Tensor, steps: int = 5000, seed: int = 0) -> float:
+def trajectory_rate(actors: list, weights: torch.Tensor, steps: int = 5000, seed: int = 0,
+                    fragment: int = 1) -> float:
     """Environment steps per second of these rollout actors playing whole episodes with fixed weights
-    (collection only, as the per-step loop measures it): one remote call per episode."""
+    (collection only, as the per-step loop measures it): one remote call per `fragment` steps or more
+    (1: per episode)."""
     ray.get([a.reseed.remote(seed) for a in actors])
     shared, taken, start = ray.put(weights), 0, time.perf_counter()
     while taken < steps:
-        taken += sum(len(t) for t in ray.get([a.rollout.remote(shared, 0) for a in actors]))
+        batches = ray.get([a.rollouts.remote(shared, 0, fragment) for a in actors])
+        taken += sum(len(t) for batch in batches for t in batch)
     return taken / (time.perf_counter() - start)
 
 
@@ -111,8 +112,10 @@ def make_actors(n: int, hidden: int = 32) -> list:
 
 
 def train(actors: list, learner, mode: str = "async", seed: int = 0, max_steps: int = 20_000,
-          max_seconds: float = 60.0, hidden: int = 32, lr: float = 0.01, max_staleness: int = 8) -> dict:
-    """Train with these rollout actors and learner. sync: one episode per actor per update, all with the
+          max_seconds: float = 60.0, hidden: int = 32, lr: float = 0.01, max_staleness: int = 8,
+          fragment: int = 1) -> dict:
+    """Train with these rollout actors and learner; each call to an actor returns whole episodes of at least
+    `fragment` steps in all (1: one episode). sync: one episode per actor per update, all with the
     same weights (staleness 0); async (IMPALA-like): update on each episode as it arrives and send its
     actor straight back out with the newest weights; episodes over `max_staleness` versions behind are
     dropped (their steps still count). Same semantics as rl.train on torch.distributed ranks."""
@@ -121,15 +124,15 @@ def train(actors: list, learner, mode: str = "async", seed: int = 0, max_steps: 
     ray.get([a.reseed.remote(seed) for a in actors])
     history = History(max_steps, max_seconds)
     loop = sync_loop if mode == "sync" else async_loop
-    weights, version = loop(actors, learner, history, weights, max_staleness)
+    weights, version = loop(actors, learner, history, weights, max_staleness, fragment)
     return history.result("ray", mode, len(actors), version, weights)
 
 
-def sync_loop(actors: list, learner, history: History, weights: torch.Tensor, max_staleness: int):
+def sync_loop(actors: list, learner, history: History, weights: torch.Tensor, max_staleness: int, fragment: int):
     version = 0
     while True:
         shared = ray.put(weights)  # one copy in the object store, read by every actor
-        batch = ray.get([a.rollout.remote(shared, version) for a in actors])
+        batch = [t for ts in ray.get([a.rollouts.remote(shared, version, fragment) for a in actors]) for t in ts]
         for traj in batch:
             history.add(traj, version)
         weights, version = ray.get(learner.step.remote(batch))
@@ -137,18 +140,19 @@ def sync_loop(actors: list, learner, history: History, weights: torch.Tensor, ma
             return weights, version
 
 
-def async_loop(actors: list, learner, history: History, weights: torch.Tensor, max_staleness: int):
+def async_loop(actors: list, learner, history: History, weights: torch.Tensor, max_staleness: int, fragment: int):
     version, stop, shared = 0, False, ray.put(weights)
-    in_flight = {a.rollout.remote(shared, version): a for a in actors}
+    in_flight = {a.rollouts.remote(shared, version, fragment): a for a in actors}
     while in_flight:
         (ready,), _ = ray.wait(list(in_flight))
-        actor, traj = in_flight.pop(ready), ray.get(ready)
+        actor, batch = in_flight.pop(ready), ray.get(ready)
         stop = stop or history.done()
-        used = not stop and version - traj.version <= max_staleness
-        history.add(traj, version, used)
+        used = not stop and version - batch[0].version <= max_staleness
+        for traj in batch:
+            history.add(traj, version, used)
         if used:
-            weights, version = ray.get(learner.step.remote([traj]))
+            weights, version = ray.get(learner.step.remote(batch))
             shared = ray.put(weights)
         if not stop:
-            in_flight[actor.rollout.remote(shared, version)] = actor
+            in_flight[actor.rollouts.remote(shared, version, fragment)] = actor
     return weights, version

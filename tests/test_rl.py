@@ -10,6 +10,7 @@ import torch
 
 import distlab as dl
 from distlab import rl, rl_ray
+from distlab.viz import rl as rlviz
 
 
 def test_a_trajectory_travels_as_one_message_and_back():
@@ -18,6 +19,13 @@ def test_a_trajectory_travels_as_one_message_and_back():
     assert (back.version, back.actor, len(back)) == (7, 2, len(traj))
     assert np.array_equal(back.obs, traj.obs) and np.array_equal(back.actions, traj.actions)
     assert np.array_equal(back.rewards, traj.rewards)
+
+
+def test_a_rollout_fragment_is_whole_episodes_just_past_min_steps():
+    batch = rl.Actor(seed=4).rollouts(rl.Learner(seed=0).weights(), version=0, min_steps=300)
+    lengths = [len(t) for t in batch]
+    assert sum(lengths) >= 300 > sum(lengths[:-1])
+    assert all(t.rewards.sum() == len(t) for t in batch)  # CartPole pays 1 per step: a return is a length
 
 
 def test_returns_to_go_follow_the_definition():
@@ -142,3 +150,17 @@ def test_whole_trajectories_beat_one_round_trip_per_step(cluster):
     assert out["env_steps"] / out["seconds"] > 3 * per_step_rate
     round_trip = rl_ray.round_trip_seconds(cluster["pinger"], calls=20)
     assert seed_loop["seconds"] / seed_loop["steps"] > round_trip  # two round trips per step, and the work
+
+
+def test_summary_finds_the_step_where_the_100_episode_average_first_reaches_195():
+    """50 episodes of 10 steps, then 200-step ones: the last 100 first average 195 when 98 of them are 200 long
+    (98 * 200 + 2 * 10 = 19,620 >= 19,500, while 97 give 19,430)."""
+    returns = [10.0] * 50 + [200.0] * 100
+    steps = np.cumsum(returns).tolist()
+    result = {"engine": "local", "mode": "sync", "actors": 1, "env_steps": steps[-1], "seconds": 1.0, "updates": 150,
+              "episodes": {"t": [0.0] * 150, "actor": [0] * 150, "version": list(range(150)),
+                           "learner_version": list(range(150)), "staleness": [0] * 150, "ret": returns,
+                           "env_steps": steps, "used": [True] * 150}}
+    row = rlviz.summary({"run": result}).loc["run"]
+    assert row["solved_at_step"] == steps[50 + 98 - 1] and row["steps_per_s"] == steps[-1]
+    assert row["last_100_return"] == 200.0 and row["max_staleness"] == 0

@@ -78,8 +78,10 @@ def throughput_figure(table: pd.DataFrame, per_step: float | None = None,
                                  line=dict(color=_colour(i))))
     low, high = table["steps_per_s"].min(), table["steps_per_s"].max()
     if per_step is not None:
-        fig.add_hline(y=per_step, line_dash="dot", line_color="grey", annotation_position="top left",
-                      annotation_text=f"seed's per-step ray.get loop: {per_step:,.0f} steps/s")
+        actors = sorted(table["actors"].unique())
+        fig.add_trace(go.Scatter(x=[actors[0], actors[-1]], y=[per_step, per_step], mode="lines",
+                                 line=dict(color="grey", dash="dot"),
+                                 name=f"seed's per-step ray.get loop ({per_step:,.0f} steps/s)"))
         low = min(low, per_step)
     fig.update_xaxes(title_text="rollout actors", tickvals=sorted(table["actors"].unique()))
     fig.update_yaxes(title_text="environment steps per second", type="log",
