@@ -42,6 +42,16 @@ def parse_kwargs(pairs: list[str]) -> dict:
     return kwargs
 
 
+def _store_of_this_attempt(rank: int, world_size: int, attempt: int) -> dist.Store:
+    """torchrun's store, under a prefix per restart. Its agent keeps one store across restarts, so without
+    the prefix a restarted rank can read the address its peer had in the previous attempt (a dead
+    process) and fail to connect (seen with torch 2.13 and --max-restarts)."""
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts_it, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"distlab/attempt{attempt}", store)
+
+
 def run_under_torchrun(fn, kwargs: dict, runs_root: str | None) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,7 +59,9 @@ def run_under_torchrun(fn, kwargs: dict, runs_root: str | None) -> None:
     device, backend = torch.device(placement.devices[local_rank]), placement.backend
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, timeout=timedelta(minutes=30))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    dist.init_process_group(backend, store=_store_of_this_attempt(rank, world_size, attempt), rank=rank,
+                            world_size=world_size, timeout=timedelta(minutes=30))
     # Each machine writes its own folder, all under the name rank 0 picked, so they line up.
     names = [str(new_run_dir(fn.__name__, runs_root)) if rank == 0 else None]
     dist.broadcast_object_list(names)
@@ -57,7 +69,6 @@ def run_under_torchrun(fn, kwargs: dict, runs_root: str | None) -> None:
     if rank == 0:
         write_config(run_dir, name=fn.__name__, world_size=world_size, backend=backend, status="running",
                      launcher="torchrun", kwargs={k: repr(v) for k, v in kwargs.items()})
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     ctx = Context(rank, world_size, device, backend, run_dir, local_rank=local_rank, attempt=attempt)
     dist.barrier()
     result = fn(ctx, **kwargs)
