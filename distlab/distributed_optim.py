@@ -117,6 +117,16 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
+def _backward_on_batch(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, batch: int,
+                       batches: torch.Generator) -> torch.Tensor:
+    """Draw a minibatch, zero the gradients, forward and backward; the caller averages and steps."""
+    pick = torch.randint(len(x), (batch,), generator=batches)
+    loss = F.cross_entropy(model(x[pick]), y[pick])
+    opt.zero_grad()
+    loss.backward()
+    return loss
+
+
 def train_optimizer(ctx, optimizer: str = "sgd", steps: int = 150, batch: int = 16, seed: int = 0,
                     **hyper) -> float:
     """Data-parallel digits MLP with one of distlab's optimizers on averaged gradients; logs loss per rank."""
@@ -126,10 +136,7 @@ def train_optimizer(ctx, optimizer: str = "sgd", steps: int = 150, batch: int = 
     batches = torch.Generator().manual_seed(1000 * seed + ctx.rank)
     ctx.set_total(steps)
     for step in range(steps):
-        pick = torch.randint(len(x), (batch,), generator=batches)
-        loss = F.cross_entropy(model(x[pick]), y[pick])
-        opt.zero_grad()
-        loss.backward()
+        loss = _backward_on_batch(model, opt, x, y, batch, batches)
         average_gradients(model, ctx.comm)
         opt.step()
         ctx.log(step=step, loss=loss.item())
@@ -153,10 +160,7 @@ def train_large_batch(ctx, batch: int = 8, base_lr: float = 0.1, base_batch: int
     batches = torch.Generator().manual_seed(1000 * seed + ctx.rank)
     for step in range(steps):
         opt.param_groups[0]["lr"] = warmup_lr(step, lr, warmup)
-        pick = torch.randint(len(x), (batch,), generator=batches)
-        loss = F.cross_entropy(model(x[pick]), y[pick])
-        opt.zero_grad()
-        loss.backward()
+        loss = _backward_on_batch(model, opt, x, y, batch, batches)
         average_gradients(model, ctx.comm)
         opt.step()
         ctx.log(step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
@@ -173,10 +177,7 @@ def train_local_sgd(ctx, every: int = 4, steps: int = 160, batch: int = 16, lr: 
     opt = make("sgd", model.parameters(), lr=lr)
     batches = torch.Generator().manual_seed(1000 * seed + ctx.rank)
     for step in range(steps):
-        pick = torch.randint(len(x), (batch,), generator=batches)
-        loss = F.cross_entropy(model(x[pick]), y[pick])
-        opt.zero_grad()
-        loss.backward()
+        loss = _backward_on_batch(model, opt, x, y, batch, batches)
         opt.step()
         if (step + 1) % every == 0:
             average_parameters(model, ctx.comm)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import gpt
-from .parallel.pipeline import isend, stage_module
+from .parallel.pipeline import stage_module
 from .parallel.tensor import GroupAllReduce, block_input, tp_block
 
 
@@ -61,7 +61,7 @@ def serve_pipelined(ctx, n_requests: int = 64, micro_batch: int = 8, stages: int
         if stage < p - 1:
             if in_flight:
                 in_flight.wait()  # back-pressure: at most one micro-batch waits for the next stage
-            in_flight = isend(ctx, y, stage + 1, tag="pp")
+            in_flight = ctx.comm.isend(y, stage + 1, tag="pp")
         else:
             logits.append(y[:, -1].cpu())
     if in_flight:

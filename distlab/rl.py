@@ -276,7 +276,7 @@ def train(ctx, mode: str = "sync", seed: int = 0, max_steps: int = 20_000, max_s
         return history.result("torch.distributed", mode, ctx.world_size - 1, learner.version,
                               learner.weights())
     actor = Actor(ctx.rank - 1, seed, hidden)
-    (sync_actor if mode == "sync" else async_actor)(ctx, actor, size)
+    actor_loop(ctx, actor, size, mode)
     return {"role": "actor", "rank": ctx.rank, "env_steps": actor.env_steps}
 
 
@@ -318,15 +318,6 @@ def sync_learner(ctx, learner: Learner, history: History, max_staleness: int) ->
             return
 
 
-def sync_actor(ctx, actor: Actor, size: int) -> None:
-    msg = torch.empty(2 + size)
-    while True:
-        ctx.comm.broadcast(msg, src=0)
-        if msg[1]:
-            return
-        send_trajectory(ctx, actor.rollout(msg[2:], int(msg[0])))
-
-
 def async_learner(ctx, learner: Learner, history: History, max_staleness: int) -> None:
     for actor in range(1, ctx.world_size):
         ctx.comm.send(weights_message(learner, stop=False), dst=actor)
@@ -343,10 +334,15 @@ def async_learner(ctx, learner: Learner, history: History, max_staleness: int) -
         running -= stop
 
 
-def async_actor(ctx, actor: Actor, size: int) -> None:
+def actor_loop(ctx, actor: Actor, size: int, mode: str) -> None:
+    """Receive weights (sync: the learner's broadcast; async: its reply to our last trajectory), play one
+    episode with them, send it; until the learner says stop."""
     msg = torch.empty(2 + size)
     while True:
-        ctx.comm.recv(msg, src=0)
+        if mode == "sync":
+            ctx.comm.broadcast(msg, src=0)
+        else:
+            ctx.comm.recv(msg, src=0)
         if msg[1]:
             return
         send_trajectory(ctx, actor.rollout(msg[2:], int(msg[0])))

@@ -3,6 +3,7 @@ import time
 
 import psutil
 import pytest
+import torch
 
 import distlab as dl
 
@@ -36,6 +37,15 @@ def gone(pids, within: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: one torch thread is fastest, and threads fight on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

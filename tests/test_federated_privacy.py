@@ -9,14 +9,7 @@ from distlab.architectures import federated_data as fd
 from distlab.architectures.federated_privacy import SecureAggregation, clip_update, epsilon
 from distlab.architectures.federated_sim import Config, simulate
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread is fastest, and threads fight on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def updates(n, seed=0):

@@ -1,7 +1,6 @@
 """Federated training: the two simulation engines and the real ranks agree; the results the notebooks teach."""
 
 import pytest
-import torch
 
 import distlab as dl
 from distlab.architectures import federated_data as fd
@@ -12,13 +11,7 @@ from distlab.architectures.federated_sim import Config, attackers_of, local_step
 DIGITS = dict(epochs=2, batch_size=10, lr=0.1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread is fastest, and threads fight on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def largest_gap(a, b):

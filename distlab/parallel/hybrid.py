@@ -60,7 +60,10 @@ def train_hybrid(ctx, grid: str = "device_mesh", dp: int = 2, steps: int = 20, b
     spans = Spans(ctx.device)
     ctx.set_total(steps)
     losses, first_grads = [], None
-    grid_groups = column_groups(dp, mp) if grid == "new_group" else device_mesh(ctx.device.type, (dp, mp), ("dp", "mp"))
+    if grid == "new_group":
+        grid_groups = column_groups(dp, mp)
+    else:
+        grid_groups = device_mesh(ctx.device.type, (dp, mp), ("dp", "mp"))
     with grid_groups as axis:
         if grid == "device_mesh":
             stage = DDP(stage, device_mesh=axis["dp"])  # averages the stage's gradients along the column

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import gpt
-from ..comm import Pending, nbytes
+from ..comm import nbytes
 from .mesh import device_mesh
 
 Action = tuple[str, int]  # ("F" or "B", micro-batch index)
@@ -58,12 +58,6 @@ def schedule_for(name: str, m: int, p: int, stage: int) -> list[Action]:
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r}; choose one of {SCHEDULES}")
     return gpipe_schedule(m) if name == "gpipe" else one_f_one_b_schedule(m, p, stage)
-
-
-def isend(ctx, tensor: torch.Tensor, dst: int, tag: str) -> Pending:
-    """A non-blocking send, counted like ctx.comm's ops. Blocking sends would deadlock 1F1B: in its
-    steady state neighbours send to each other at the same moment (activations down, gradients up)."""
-    return ctx.comm.isend(tensor, dst, tag)
 
 
 class SavedBytes:
@@ -109,7 +103,8 @@ def run_schedule(ctx, module: nn.Module, actions: list[Action], ranks: list[int]
             if last:
                 total_loss += y.item()
             else:
-                sends.append(isend(ctx, y.detach(), ranks[stage + 1], tag="pp"))
+                # non-blocking: in 1F1B neighbours send to each other at the same moment (a blocking send deadlocks)
+                sends.append(ctx.comm.isend(y.detach(), ranks[stage + 1], tag="pp"))
         else:
             grad = None if last else ctx.comm.recv(torch.empty(act_shape, device=ctx.device), ranks[stage + 1], tag="pp")
             start = time.perf_counter()
@@ -118,7 +113,7 @@ def run_schedule(ctx, module: nn.Module, actions: list[Action], ranks: list[int]
             x = inputs.pop(i)
             live -= held.pop(i)
             if not first:
-                sends.append(isend(ctx, x.grad, ranks[stage - 1], tag="pp"))
+                sends.append(ctx.comm.isend(x.grad, ranks[stage - 1], tag="pp"))
     for s in sends:
         s.wait()
     return dict(loss=total_loss if last else None, events=events, peak_bytes=peak, peak_micro=peak_micro)
