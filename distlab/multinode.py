@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from .ranks import free_port
 from .runs import RUNS_ROOT_ENV, Run
 
 
@@ -34,7 +34,7 @@ def run_local_nodes(function: str, nnodes: int = 2, nproc_per_node: int = 2, max
                     runs_root: str | os.PathLike | None = None, timeout: float = 300, **kwargs) -> Run:
     """Start `nnodes` torchrun agents here, wait for all, return the run that finished (status ok)."""
     root = Path(runs_root or os.environ.get(RUNS_ROOT_ENV, "runs")).resolve()
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     command = torchrun_command(function, nnodes, nproc_per_node, endpoint, f"distlab-{secrets.token_hex(4)}",
                                max_restarts, runs_root=str(root), **kwargs)
     started = time.time()
@@ -63,9 +63,3 @@ def run_local_nodes(function: str, nnodes: int = 2, nproc_per_node: int = 2, max
 def _tail(log, chars: int = 3000) -> str:
     log.seek(0)
     return log.read()[-chars:]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -58,7 +58,8 @@ def default_threads(world_size: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // world_size)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,7 +69,7 @@ def _rendezvous(folder: str) -> str:
     """Where the ranks meet. By default a file in a folder only this user can read: a TCP store would
     listen on every interface. MASTER_ADDR set by the user means they want TCP on that address."""
     if "MASTER_ADDR" in os.environ:
-        return f"tcp://{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT') or _free_port()}"
+        return f"tcp://{os.environ['MASTER_ADDR']}:{os.environ.get('MASTER_PORT') or free_port()}"
     return f"file://{os.path.join(folder, 'store')}"
 
 

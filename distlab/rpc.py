@@ -8,11 +8,12 @@ that lives on its owner). Parameter servers (notebook 03) are built this way.
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import torch
 import torch.distributed as dist
+
+from .ranks import free_port
 
 
 def available() -> bool:
@@ -30,9 +31,7 @@ def _free_port_agreed() -> int:
     """RPC needs its own rendezvous: rank 0 picks a free port, the process group tells the others."""
     port = torch.zeros(1, dtype=torch.int64)
     if dist.get_rank() == 0:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port[0] = sock.getsockname()[1]
+        port[0] = free_port()
     dist.broadcast(port, src=0)
     return int(port.item())
 
