@@ -75,7 +75,7 @@ def warm_up(ctx) -> None:
     config = federated_sim.Config(batch_size=8)
     params = federated_sim.initial_params(config)
     federated_sim.train_client(params, x, y, torch.arange(8).view(1, 8), config)
-    federated_sim.evaluate(params, x_test, y_test, config)
+    federated_sim.evaluate(params, x_test, y_test)
 
 
 # -- one row per architecture, each read from its own module's accounting ------------------------------
@@ -138,7 +138,7 @@ def run_federated(name: str, task: Task, timeout: float) -> dict:
     sends = comm[comm.op == "send"].groupby("rank")["bytes"].sum()
     broadcast = comm.query("rank == 0 and op == 'broadcast'")["bytes"].sum() * (task.world_size - 1)
     sent = [int(broadcast)] + [int(sends.get(r, 0)) for r in range(1, task.world_size)]
-    accuracy = federated_sim.evaluate(run.results[0], fed.x_test, fed.y_test, config)["accuracy"]
+    accuracy = federated_sim.evaluate(run.results[0], fed.x_test, fed.y_test)["accuracy"]
     return _row(name, run, samples=federated_samples(fed, config), updates=config.rounds, syncs=config.rounds,
                 bytes_by_rank=sent, accuracy=accuracy)
 

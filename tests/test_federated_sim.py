@@ -1,11 +1,21 @@
 """Federated training: the two simulation engines and the real ranks agree; the results the notebooks teach."""
 
 import pytest
+import torch
 
 import distlab as dl
 from distlab.architectures import federated_data as fd
 from distlab.architectures.federated_ranks import train_federated
-from distlab.architectures.federated_sim import Config, attackers_of, local_steps, plan_round, simulate
+from distlab.architectures.federated_sim import (
+    Config,
+    attackers_of,
+    autograd_gradients,
+    local_steps,
+    plan_round,
+    simulate,
+    stacked_mlp,
+    stacked_mlp_gradients,
+)
 
 # Digits, 10 clients: E = 2 local epochs, B = 10, client lr 0.1 (SGD), every client every round (C = 1).
 DIGITS = dict(epochs=2, batch_size=10, lr=0.1)
@@ -31,6 +41,20 @@ def test_round_plan_samples_C_drops_and_cuts_stragglers_short():
     dropping = Config(epochs=2, batch_size=10, stragglers=0.5, drop_stragglers=True)
     assert all(s == full for r in range(10) for _, s in plan_round(sizes, dropping, r))
     assert len(attackers_of(50, Config(attackers=0.2))) == 10
+
+
+def test_hand_written_backprop_equals_autograd_and_ignores_padding():
+    torch.manual_seed(0)
+    clients, batch, sizes = 3, 5, (7, 6, 4, 10)
+    params = [t for n_in, n_out in zip(sizes, sizes[1:])
+              for t in (torch.randn(clients, n_out, n_in, dtype=torch.float64), torch.randn(clients, n_out, dtype=torch.float64))]
+    x, y = torch.randn(clients, batch, 7, dtype=torch.float64), torch.randint(0, 10, (clients, batch))
+    weight = torch.rand(clients, batch, 1, dtype=torch.float64)
+    weight[1, 3:] = 0  # padding: the last two places of client 1's batch hold no example
+    by_hand = stacked_mlp_gradients(params, x, y, weight)
+    assert largest_gap(by_hand, autograd_gradients(stacked_mlp)(params, x, y, weight)) < 1e-12
+    x[1, 3:], y[1, 3:] = 100.0, (y[1, 3:] + 1) % 10  # what padding holds cannot matter
+    assert largest_gap(by_hand, stacked_mlp_gradients(params, x, y, weight)) < 1e-12
 
 
 def test_vectorized_vmap_and_loop_engines_train_the_same_model():

@@ -56,7 +56,7 @@ def train_federated(ctx, fed: Federation, config: Config) -> Update | None:
             results = [receive_update(ctx, params, src=1 + i % workers) for i in range(len(plan))]
             params = server_update(params, results, config, optimizer, r, fed.num_clients)
             flat = flatten(params)
-            ctx.log(step=r + 1, clients=len(plan), **evaluate(params, fed.x_test, fed.y_test, config))
+            ctx.log(step=r + 1, clients=len(plan), **evaluate(params, fed.x_test, fed.y_test))
         else:
             for i, (client, steps) in enumerate(plan):
                 if 1 + i % workers == ctx.rank:
