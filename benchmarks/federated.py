@@ -21,7 +21,7 @@ import torch
 import distlab as dl
 from distlab.architectures import federated_data as fd
 from distlab.architectures.federated_ranks import train_federated
-from distlab.architectures.federated_sim import Config, simulate
+from distlab.architectures.federated_sim import Config, largest_difference, simulate
 
 
 def timed(fn):
@@ -53,7 +53,7 @@ def synthetic_table(rounds: int, repeats: int) -> None:
         best = min(times[engine])
         print(f"| {name} | {best:.1f} | {_list(times[engine])} | {runs[engine].accuracy:.3f} | "
               f"{min(times['loop']) / best:.1f}× |")
-    gap = max((a - b).abs().max().item() for a, b in zip(runs["vectorized"].params, runs["loop"].params))
+    gap = largest_difference(runs["vectorized"].params, runs["loop"].params)
     print(f"largest parameter difference between the vectorized and loop final models: {gap:.2e}")
 
 
@@ -69,7 +69,7 @@ def ranks_table() -> None:
     loop, t_loop = timed(lambda: simulate(fed, config, "loop"))
     vectorized, t_vec = timed(lambda: simulate(fed, config, "vectorized"))
     sent = run.comm[run.comm["op"] == "send"]["bytes"].sum()
-    gap = max((a - b).abs().max().item() for a, b in zip(run.results[0], vectorized.params))
+    gap = largest_difference(run.results[0], vectorized.params)
     print("\nDigits, 12 clients, C=1, E=1, B=10, lr=0.1, 5 rounds (ranks already warm)")
     print("| engine | wall s | test accuracy |")
     print("|---|---|---|")

@@ -10,6 +10,7 @@ from distlab.architectures.federated_sim import (
     Config,
     attackers_of,
     autograd_gradients,
+    largest_difference,
     local_steps,
     plan_round,
     simulate,
@@ -22,10 +23,6 @@ DIGITS = dict(epochs=2, batch_size=10, lr=0.1)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def largest_gap(a, b):
-    return max((x - y).abs().max().item() for x, y in zip(a, b))
 
 
 def test_round_plan_samples_C_drops_and_cuts_stragglers_short():
@@ -52,9 +49,9 @@ def test_hand_written_backprop_equals_autograd_and_ignores_padding():
     weight = torch.rand(clients, batch, 1, dtype=torch.float64)
     weight[1, 3:] = 0  # padding: the last two places of client 1's batch hold no example
     by_hand = stacked_mlp_gradients(params, x, y, weight)
-    assert largest_gap(by_hand, autograd_gradients(stacked_mlp)(params, x, y, weight)) < 1e-12
+    assert largest_difference(by_hand, autograd_gradients(stacked_mlp)(params, x, y, weight)) < 1e-12
     x[1, 3:], y[1, 3:] = 100.0, (y[1, 3:] + 1) % 10  # what padding holds cannot matter
-    assert largest_gap(by_hand, stacked_mlp_gradients(params, x, y, weight)) < 1e-12
+    assert largest_difference(by_hand, stacked_mlp_gradients(params, x, y, weight)) < 1e-12
 
 
 def test_vectorized_vmap_and_loop_engines_train_the_same_model():
@@ -63,8 +60,8 @@ def test_vectorized_vmap_and_loop_engines_train_the_same_model():
     config = Config(rounds=3, fraction=0.75, epochs=1, batch_size=16, lr=0.1, mu=0.1, server="adam",
                     server_lr=0.01, dropout=0.2, stragglers=0.4, drop_stragglers=False)
     vectorized, loop = simulate(fed, config, "vectorized"), simulate(fed, config, "loop")
-    assert largest_gap(vectorized.params, loop.params) < 1e-5
-    assert largest_gap(vectorized.params, simulate(fed, config, "vmap").params) < 1e-5  # built-in vmap, same model
+    assert largest_difference(vectorized.params, loop.params) < 1e-5
+    assert largest_difference(vectorized.params, simulate(fed, config, "vmap").params) < 1e-5  # built-in vmap, same model
     assert [h["clients"] for h in vectorized.history] == [h["clients"] for h in loop.history]
     with pytest.raises(ValueError, match="engine must be one of"):
         simulate(fed, config, "threads")
@@ -78,7 +75,7 @@ def test_server_and_client_ranks_train_the_same_model_as_the_simulation(no_ranks
     run = dl.launch(train_federated, world_size=3, fed=fed, config=config, timeout=120, fresh=True)
     dl.shutdown()
     assert run.results[1:] == [None, None]
-    assert largest_gap(run.results[0], simulate(fed, config).params) < 1e-5
+    assert largest_difference(run.results[0], simulate(fed, config).params) < 1e-5
     server = run.metrics[run.metrics["rank"] == 0].dropna(subset=["accuracy"])
     assert server["step"].tolist() == [1, 2, 3]
     # Every round: a broadcast of the model to all; each sampled client's update sent once (+1 float: n).

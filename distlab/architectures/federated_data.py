@@ -5,6 +5,7 @@ imbalanced credit-fraud task. Nothing downloads: sklearn's bundled sets or gener
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ class Federation:
     def num_clients(self) -> int:
         return len(self.xs)
 
-    @property
+    @cached_property
     def sizes(self) -> list[int]:
         return [len(y) for y in self.ys]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-Update = list[torch.Tensor]
+from .federated import Update
 
 
 def _pair_generator(seed: int, i: int, j: int) -> torch.Generator:

@@ -13,6 +13,7 @@ a real server would send it. Same plan, same batches, same arithmetic as federat
 from __future__ import annotations
 
 import torch
+from torch.nn.utils import parameters_to_vector as flatten
 
 from .federated import ServerOptimizer, Update
 from .federated_data import Federation
@@ -28,10 +29,6 @@ from .federated_sim import (
     server_update,
     train_client,
 )
-
-
-def flatten(params: Update) -> torch.Tensor:
-    return torch.cat([p.reshape(-1) for p in params])
 
 
 def unflatten(flat: torch.Tensor, like: Update) -> Update:

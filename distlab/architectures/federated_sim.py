@@ -255,6 +255,11 @@ def train_clients_vectorized(global_params: Update, data: list[tuple], schedules
     return updates
 
 
+def largest_difference(a: Update, b: Update) -> float:
+    """The largest coordinate-wise gap between two lists of tensors (two models, two sums of updates)."""
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
 def first_round_results(fed: Federation, config: Config) -> list[tuple[Update, int]]:
     """Every client's honest (update, num_examples) from the initial model: material to aggregate by hand."""
     params = initial_params(config)
