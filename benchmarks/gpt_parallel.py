@@ -27,9 +27,9 @@ def single_train(ctx, steps: int, batch_size: int, cfg: gpt.GPTConfig) -> None:
     """The whole model in one process (launched alone, so it gets every core's threads, or one GPU)."""
     model = gpt.gpt(cfg).to(ctx.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    data, generator = gpt.encode(gpt.corpus()), torch.Generator().manual_seed(0)
+    data = gpt.batches(batch_size, cfg.block_size)
     for step in range(steps):
-        x, y = (t.to(ctx.device) for t in gpt.batch(data, batch_size, cfg.block_size, generator))
+        x, y = (t.to(ctx.device) for t in next(data))
         optimizer.zero_grad()
         loss = gpt.lm_loss(model(x), y)
         loss.backward()

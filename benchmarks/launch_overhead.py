@@ -21,7 +21,6 @@ import io
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distlab as dl
+from distlab.ranks import free_port
 
 WORLD_SIZES = (2, 4)
 WARMUP_STEPS = 20
@@ -86,12 +86,6 @@ def spawned_rank(rank: int, world_size: int, port: int, out: str) -> None:
     past_barrier = time.time()
     Path(out, f"rank{rank}").write_text(repr(past_barrier))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def startup_mp_spawn(world_size: int, scratch: Path) -> float:

@@ -22,6 +22,12 @@ def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def ring_allreduce_bytes(payload: int, world_size: int) -> float:
+    """Bytes each rank sends in a ring all-reduce of `payload` bytes: 2(N-1)/N * S (the model;
+    `sent_bytes` counts the exact chunks)."""
+    return 2 * (world_size - 1) / world_size * payload
+
+
 class Comm:
     """torch.distributed collectives that count what they move.
 
@@ -71,11 +77,6 @@ class Comm:
         work = dist.isend(tensor, dst=dst)
         return Pending(work, lambda: self._record("send", nbytes(tensor), time.perf_counter() - start, tag))
 
-    def irecv(self, tensor: torch.Tensor, src: int, tag: str = "train") -> Pending:
-        start = time.perf_counter()
-        work = dist.irecv(tensor, src=src)
-        return Pending(work, lambda: self._record("recv", nbytes(tensor), time.perf_counter() - start, tag))
-
     def barrier(self, tag: str = "train") -> None:
         self._timed("barrier", None, dist.barrier, tag)
 
@@ -123,11 +124,11 @@ def ddp_comm_hook(record: Record):
 class Events:
     """A log of one rank's sends and receives: peer, chunk, step, phase, start/end times, bytes.
 
-    Collectives written from send/recv (collectives.py) add a row per transfer; `forward`, when given
-    (see `Comm.events`), also counts each one in the run's comm table as op "<name> send" / "<name> recv".
+    Collectives written from send/recv (collectives.py) add a row per transfer; `forward` (see
+    `Comm.events`) also counts each one in the run's comm table as op "<name> send" / "<name> recv".
     """
 
-    def __init__(self, rank: int, forward: Record | None = None, name: str = "p2p", tag: str = "train"):
+    def __init__(self, rank: int, forward: Record, name: str, tag: str):
         self.rank, self.rows = rank, []
         self._forward, self._name, self._tag = forward, name, tag
 
@@ -136,11 +137,7 @@ class Events:
         src, dst = (self.rank, peer) if kind == "send" else (peer, self.rank)
         self.rows.append({"rank": self.rank, "kind": kind, "src": src, "dst": dst, "chunk": chunk,
                           "step": step, "phase": phase, "t_start": t_start, "t_end": t_end, "bytes": payload})
-        if self._forward is not None:
-            self._forward(f"{self._name} {kind}", payload, t_end - t_start, self._tag)
-
-    def sent_bytes(self) -> int:
-        return sum(row["bytes"] for row in self.rows if row["kind"] == "send")
+        self._forward(f"{self._name} {kind}", payload, t_end - t_start, self._tag)
 
 
 # -- the alpha-beta (latency-bandwidth) cost model (Hockney 1994; Thakur, Rabenseifner & Gropp 2005) --

@@ -27,6 +27,7 @@ import torch
 from . import data
 from .architectures import federated_data, federated_ranks, federated_sim, gossip
 from .architectures import parameter_server as ps
+from .comm import ring_allreduce_bytes
 from .launch import launch
 
 ARCHITECTURES = ("all-reduce", "PS sync", "PS async", "gossip ring", "gossip full", "FedAvg")
@@ -193,5 +194,6 @@ def busiest_bytes_per_sync(architecture: str, n: int, payload: int = PAYLOAD) ->
         raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
     if n < 3:
         raise ValueError(f"n must be >= 3, got {n}")
-    per_copy = {"all-reduce": 2 * (n - 1) / n, "gossip ring": 2, "gossip full": n - 1}
-    return per_copy.get(architecture, n - 1) * payload
+    if architecture == "all-reduce":
+        return ring_allreduce_bytes(payload, n)
+    return {"gossip ring": 2, "gossip full": n - 1}.get(architecture, n - 1) * payload

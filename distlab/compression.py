@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from . import models
 from .comm import nbytes
 from .data import digits
 from .models import mlp
@@ -171,8 +172,7 @@ def train_compressed(ctx, method: str = "none", steps: int = 150, lr: float = 0.
             loss.backward()
             per_step.append(counter.bytes - before)
             optimizer.step()
-    with torch.no_grad():
-        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    accuracy = models.accuracy(model, x_test, y_test)
     params = sum(p.numel() for p in model.parameters())
     return {"method": method, **options, "bytes": counter.bytes, "bytes_per_step": per_step,
             "fp32_bytes": steps * 4 * params, "accuracy": accuracy, "loss": loss.item()}

@@ -16,25 +16,21 @@ import math
 
 from .architectures import parameter_server
 
-MODELS = {"BSP": 0, "SSP": 2, "ASP": math.inf}  # typical bounds; SSP is any 0 < s < inf
 
-
-def train(ctx, staleness: float = 0, steps: int = 60, slow_rank: int | None = None, delay: float = 0.0,
-          lr: float = 0.2, seed: int = 0, **options) -> dict:
+def train(ctx, staleness: float = 0, **options) -> dict:
     """Train the digits MLP under staleness bound `staleness` (0 BSP, integer SSP, math.inf ASP).
 
-    Rank 0 is the server (`servers=k` for k of them), the other ranks are workers; `slow_rank` sleeps
-    `delay` seconds per step (a straggler). Other options as `parameter_server.run` (jitter: every
-    worker sleeps `delay` at a step with this probability; batch, crash_rank, crash_at, failure_timeout,
-    shard, hidden). Returns this rank's record:
+    Rank 0 is the server (`servers=k` for k of them), the other ranks are workers. Options as
+    `parameter_server.run` (steps, lr, seed; slow_rank: a straggler that sleeps `delay` seconds per step;
+    jitter: every worker sleeps `delay` at a step with this probability; batch, crash_rank, crash_at,
+    failure_timeout, shard, hidden). Returns this rank's record:
     - worker: {"role": "worker", "steps": {"step", "t", "loss", "clock_staleness", "wait"} as lists,
       "wall_s", "crashed_at"}; t is seconds since the common start.
     - server: {"role": "server", "updates": {"t", "worker", "clock", "version", "version_staleness",
       "clock_staleness"} as lists (one entry per applied push), "pulls", "events", "bytes_in",
       "bytes_out", "messages", "busy_s", "params", "range", "version"}.
     """
-    return parameter_server.run(ctx, staleness=staleness, steps=steps, slow_rank=slow_rank, delay=delay,
-                                lr=lr, seed=seed, **options)
+    return parameter_server.run(ctx, staleness=staleness, **options)
 
 
 def label(staleness: float) -> str:

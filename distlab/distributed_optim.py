@@ -112,11 +112,6 @@ def _digits_model(seed: int, *sizes: int) -> nn.Module:
     return models.mlp(*(sizes or (64, 64, 10)))
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
 def _backward_on_batch(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, batch: int,
                        batches: torch.Generator) -> torch.Tensor:
     """Draw a minibatch, zero the gradients, forward and backward; the caller averages and steps."""
@@ -140,7 +135,7 @@ def train_optimizer(ctx, optimizer: str = "sgd", steps: int = 150, batch: int = 
         average_gradients(model, ctx.comm)
         opt.step()
         ctx.log(step=step, loss=loss.item())
-    return _accuracy(model, x_test, y_test)
+    return models.accuracy(model, x_test, y_test)
 
 
 def train_large_batch(ctx, batch: int = 8, base_lr: float = 0.1, base_batch: int = 32, scale: bool = True,
@@ -165,7 +160,7 @@ def train_large_batch(ctx, batch: int = 8, base_lr: float = 0.1, base_batch: int
         opt.step()
         ctx.log(step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
     return {"global_batch": global_batch, "lr": lr, "steps": steps, "warmup_steps": warmup,
-            "accuracy": _accuracy(model, x_test, y_test)}
+            "accuracy": models.accuracy(model, x_test, y_test)}
 
 
 def train_local_sgd(ctx, every: int = 4, steps: int = 160, batch: int = 16, lr: float = 0.1, seed: int = 0) -> dict:
@@ -185,7 +180,7 @@ def train_local_sgd(ctx, every: int = 4, steps: int = 160, batch: int = 16, lr: 
     if steps % every:
         average_parameters(model, ctx.comm)
     return {"every": every, "params": sum(p.numel() for p in model.parameters()),
-            "accuracy": _accuracy(model, x_test, y_test)}
+            "accuracy": models.accuracy(model, x_test, y_test)}
 
 
 def compare_zero(ctx, steps: int = 20, lr: float = 1e-2, batch: int = 16, sizes: tuple = (64, 64, 64, 64, 10),

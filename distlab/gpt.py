@@ -12,7 +12,9 @@ nothing downloads.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -148,16 +150,28 @@ def batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch
     return x, y
 
 
+@cache
+def _encoded_corpus() -> torch.Tensor:
+    return encode(corpus())  # once per process: warm ranks keep it between launches
+
+
+def batches(batch_size: int, block_size: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless random batches of the corpus; the same seed draws the same batches in every process."""
+    data, generator = _encoded_corpus(), torch.Generator().manual_seed(seed)
+    while True:
+        yield batch(data, batch_size, block_size, generator)
+
+
 def train_single(steps: int = 1, lr: float = 0.0, batch_size: int = 16, seed: int = 0,
                  cfg: GPTConfig | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The reference every parallel version must match: the whole model in this process, plain SGD on
     the batches the parallel runs draw (same seed). Returns the loss of each step and the last gradients."""
     cfg = cfg or GPTConfig()
     model = gpt(cfg, seed)
-    data, generator = encode(corpus()), torch.Generator().manual_seed(seed)
+    data = batches(batch_size, cfg.block_size, seed)
     optimizer, losses = torch.optim.SGD(model.parameters(), lr=lr), []
     for _ in range(steps):
-        x, y = batch(data, batch_size, cfg.block_size, generator)
+        x, y = next(data)
         optimizer.zero_grad()
         loss = lm_loss(model(x), y)
         loss.backward()

@@ -16,7 +16,7 @@ that record:
 from __future__ import annotations
 
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from .replicated_store import INITIAL, History, Op
@@ -114,11 +114,10 @@ def summarize(history: History) -> dict:
     """One row for the comparison of modes: staleness, violations, convergence, messages, latency."""
     reads = [op for op in history.ops if op.kind == "read"]
     writes = [op for op in history.ops if op.kind == "write"]
-    messages = sum(sum(m.values()) for m in history.messages)
-    kinds = defaultdict(int)
+    kinds = Counter()
     for per_rank in history.messages:
-        for kind, count in per_rank.items():
-            kinds[kind] += count
+        kinds.update(per_rank)
+    messages = sum(kinds.values())
 
     def median_ms(ops):
         return 1000 * statistics.median(op.complete - op.invoke for op in ops) if ops else 0.0

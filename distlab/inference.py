@@ -23,7 +23,7 @@ from .parallel.tensor import GroupAllReduce, block_input, tp_block
 def requests(n: int, cfg: gpt.GPTConfig | None = None, seed: int = 0) -> torch.Tensor:
     """n prompts: windows of the corpus, (n, block_size) character ids."""
     cfg = cfg or gpt.GPTConfig()
-    return gpt.batch(gpt.encode(gpt.corpus()), n, cfg.block_size, torch.Generator().manual_seed(seed))[0]
+    return next(gpt.batches(n, cfg.block_size, seed))[0]
 
 
 def _check(micro_batch: int, n_requests: int) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parameters_to_vector
 
 
 def mlp(*sizes: int) -> nn.Sequential:
@@ -13,3 +16,17 @@ def mlp(*sizes: int) -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The cross-entropy gradient on (x, y) as one flat vector, and the loss."""
+    model.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return parameters_to_vector([p.grad for p in model.parameters()]), loss.item()
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of the examples whose highest-scoring class is the label."""
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()

@@ -14,10 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from .ranks import free_port
-from .runs import RUNS_ROOT_ENV, Run
+from .runs import Run, runs_folder
 
 
 def torchrun_command(function: str, nnodes: int, nproc_per_node: int, endpoint: str, job_id: str = "distlab",
@@ -33,7 +32,7 @@ def torchrun_command(function: str, nnodes: int, nproc_per_node: int, endpoint: 
 def run_local_nodes(function: str, nnodes: int = 2, nproc_per_node: int = 2, max_restarts: int = 0,
                     runs_root: str | os.PathLike | None = None, timeout: float = 300, **kwargs) -> Run:
     """Start `nnodes` torchrun agents here, wait for all, return the run that finished (status ok)."""
-    root = Path(runs_root or os.environ.get(RUNS_ROOT_ENV, "runs")).resolve()
+    root = runs_folder(runs_root).resolve()
     endpoint = f"127.0.0.1:{free_port()}"
     command = torchrun_command(function, nnodes, nproc_per_node, endpoint, f"distlab-{secrets.token_hex(4)}",
                                max_restarts, runs_root=str(root), **kwargs)
@@ -55,9 +54,8 @@ def run_local_nodes(function: str, nnodes: int = 2, nproc_per_node: int = 2, max
         tails = "\n".join(f"--- node {i} ---\n{_tail(log)}" for i, log in enumerate(logs))
         why = f"did not finish within {timeout:.0f} s" if time.monotonic() >= deadline else f"failed ({codes})"
         raise RuntimeError(f"torchrun {why}:\n{tails}")
-    finished = [Run(p.parent) for p in root.glob("*/config.json")
-                if p.stat().st_mtime >= started and Run(p.parent).status == "ok"]
-    return max(finished, key=lambda run: run.dir.stat().st_mtime)
+    runs = [Run(p.parent) for p in root.glob("*/config.json") if p.stat().st_mtime >= started]
+    return max((run for run in runs if run.status == "ok"), key=lambda run: run.dir.stat().st_mtime)
 
 
 def _tail(log, chars: int = 3000) -> str:

@@ -20,6 +20,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
 import zmq
 
 HELLO = "_hello"  # the handshake's topic; every subscriber hears it, apart from its messages
@@ -124,10 +126,6 @@ class Subscriber:
                     self._messages.put(Message(topic.decode(), publisher, seq, sent_at, time.time(), body))
         sock.close(linger=0)
 
-    def get(self, timeout: float | None = None) -> Message:
-        """The next message (queue.Empty after `timeout` seconds)."""
-        return self._messages.get(timeout=timeout)
-
     def take(self, count: int, timeout: float = 10.0) -> list[Message]:
         """Up to `count` messages, waiting at most `timeout` seconds in all (fewer if some were lost)."""
         deadline, got = time.monotonic() + timeout, []
@@ -146,9 +144,6 @@ class Subscriber:
 def handshake(publisher: Publisher, subscriber: Subscriber, publishers: int, timeout: float = 30.0) -> int:
     """Against the slow joiner: say hello until every rank has heard all `publishers`, agreed through an
     all-reduce of the process group. Returns the hellos this rank sent."""
-    import torch
-    import torch.distributed as dist
-
     deadline, sent = time.monotonic() + timeout, 0
     while True:
         publisher.hello()
@@ -185,9 +180,6 @@ def exchange(ctx, publish_address: str, subscribe_address: str, messages: int = 
 def coupling(ctx, publish_address: str, subscribe_address: str, delay: float = 0.5, late_rank: int = 0) -> dict:
     """One rank arrives `delay` seconds late: how long do the others spend in publish() and in a
     synchronous all_reduce? Also the latency of a small all_reduce on time."""
-    import torch
-    import torch.distributed as dist
-
     subscriber = Subscriber(subscribe_address, ["status"])
     publisher = Publisher(publish_address, ctx.rank)
     handshake(publisher, subscriber, publishers=ctx.world_size)

@@ -86,8 +86,9 @@ def _rank_environment(threads: int) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env["OMP_NUM_THREADS"] = str(threads)
     loopback = _loopback_interface()
-    if "MASTER_ADDR" not in os.environ and "GLOO_SOCKET_IFNAME" not in env and loopback:
-        env["GLOO_SOCKET_IFNAME"] = loopback  # gloo's own sockets stay on this machine too
+    if "MASTER_ADDR" not in os.environ and loopback:
+        for sockets in ("GLOO_SOCKET_IFNAME", "TP_SOCKET_IFNAME"):  # gloo's and rpc's TensorPipe's
+            env.setdefault(sockets, loopback)  # own sockets stay on this machine too
     return env
 
 

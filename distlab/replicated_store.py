@@ -274,27 +274,24 @@ class Store:
         self.net.close()
 
 
-def operate(store: Store, rank: int, key: str, value) -> Op:
+def operate(store: Store, key: str, value) -> Op:
     """One timed operation: a write when value is given, a read otherwise."""
     invoke = time.time()
     if value is None:
         value, version = store.read(key)
-        return Op("read", rank, key, value, version, invoke, time.time())
+        return Op("read", store.rank, key, value, version, invoke, time.time())
     version = store.write(key, value)
-    return Op("write", rank, key, value, version, invoke, time.time())
+    return Op("write", store.rank, key, value, version, invoke, time.time())
 
 
 def wait_until_replicas_agree(store: Store, timeout: float) -> bool:
     """After writes stop: compare every replica's contents through gloo until they match (or timeout)."""
     deadline = time.monotonic() + timeout
     while True:
-        mine = sorted(store.replica.snapshot().items())
-        everyone = [None] * store.world_size
-        dist.all_gather_object(everyone, mine)
-        agree = all(state == everyone[0] for state in everyone)
-        late = [None] * store.world_size
-        dist.all_gather_object(late, time.monotonic() > deadline)  # every rank leaves the loop together
-        if agree or any(late):
+        everyone = [None] * store.world_size  # (replica, past its deadline) of every rank: all leave together
+        dist.all_gather_object(everyone, (sorted(store.replica.snapshot().items()), time.monotonic() > deadline))
+        agree = all(state == everyone[0][0] for state, _ in everyone)
+        if agree or any(late for _, late in everyone):
             return agree
         time.sleep(store.gossip_interval / 2 if store.mode == "eventual" else store.propagation_delay / 4)
 
@@ -317,7 +314,7 @@ def run_workload(ctx, mode: str = "strong", ops: int = 100, keys: int = 4, write
         for i in range(ops):
             key = f"k{rng.randrange(keys)}"
             value = f"r{ctx.rank}.{i}" if rng.random() < write_fraction else None
-            record.append(operate(store, ctx.rank, key, value))
+            record.append(operate(store, key, value))
             time.sleep(rng.uniform(0, 2 * think))
         dist.barrier()  # writes have stopped everywhere
         converged = wait_until_replicas_agree(store, settle_timeout)

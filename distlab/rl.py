@@ -23,6 +23,7 @@ from torch import nn
 
 OBS, ACTIONS = 4, 2  # CartPole-v1: 4 numbers observed, push left or right (episodes end by 500 steps)
 MODES = ("sync", "async")
+SOLVED, WINDOW = 195.0, 100  # CartPole-v1's classic bar: this average return over 100 consecutive episodes
 
 
 class Policy(nn.Module):
@@ -197,9 +198,9 @@ class History:
 
     COLUMNS = ("t", "actor", "version", "learner_version", "staleness", "ret", "env_steps", "used")
 
-    def __init__(self, max_steps: int, max_seconds: float, target: float = 195.0, window: int = 100):
+    def __init__(self, max_steps: int, max_seconds: float):
         self.rows = {c: [] for c in self.COLUMNS}
-        self.max_steps, self.max_seconds, self.target, self.window = max_steps, max_seconds, target, window
+        self.max_steps, self.max_seconds = max_steps, max_seconds
         self.env_steps, self.start = 0, time.perf_counter()
 
     def add(self, traj: Trajectory, learner_version: int, used: bool = True) -> None:
@@ -211,11 +212,11 @@ class History:
             self.rows[column].append(value)
 
     def solved(self) -> bool:
-        last = self.rows["ret"][-self.window:]
-        return len(last) == self.window and float(np.mean(last)) >= self.target
+        last = self.rows["ret"][-WINDOW:]
+        return len(last) == WINDOW and float(np.mean(last)) >= SOLVED
 
     def done(self) -> bool:
-        """Out of environment steps or seconds, or the average return over `window` episodes reached `target`."""
+        """Out of environment steps or seconds, or the average return over WINDOW episodes reached SOLVED."""
         return (self.env_steps >= self.max_steps or time.perf_counter() - self.start >= self.max_seconds
                 or self.solved())
 
@@ -271,8 +272,10 @@ def train(ctx, mode: str = "sync", seed: int = 0, max_steps: int = 20_000, max_s
     size = get_weights(Policy(hidden)).numel()
     if ctx.rank == 0:
         learner, history = Learner(seed, hidden, lr), History(max_steps, max_seconds)
-        run = sync_learner if mode == "sync" else async_learner
-        run(ctx, learner, history, max_staleness)
+        if mode == "sync":
+            sync_learner(ctx, learner, history)
+        else:
+            async_learner(ctx, learner, history, max_staleness)
         return history.result("torch.distributed", mode, ctx.world_size - 1, learner.version,
                               learner.weights())
     actor = Actor(ctx.rank - 1, seed, hidden)
@@ -304,7 +307,7 @@ def log_episode(ctx, history: History) -> None:
             staleness=history.rows["staleness"][-1], env_steps=history.env_steps)
 
 
-def sync_learner(ctx, learner: Learner, history: History, max_staleness: int) -> None:
+def sync_learner(ctx, learner: Learner, history: History) -> None:
     ctx.comm.broadcast(weights_message(learner, stop=False), src=0)
     while True:
         batch = [recv_trajectory(ctx, src)[1] for src in range(1, ctx.world_size)]

@@ -123,12 +123,14 @@ def train(actors: list, learner, mode: str = "async", seed: int = 0, max_steps: 
     weights = ray.get(learner.restart.remote(seed, hidden, lr))
     ray.get([a.reseed.remote(seed) for a in actors])
     history = History(max_steps, max_seconds)
-    loop = sync_loop if mode == "sync" else async_loop
-    weights, version = loop(actors, learner, history, weights, max_staleness, fragment)
+    if mode == "sync":
+        weights, version = sync_loop(actors, learner, history, weights, fragment)
+    else:
+        weights, version = async_loop(actors, learner, history, weights, max_staleness, fragment)
     return history.result("ray", mode, len(actors), version, weights)
 
 
-def sync_loop(actors: list, learner, history: History, weights: torch.Tensor, max_staleness: int, fragment: int):
+def sync_loop(actors: list, learner, history: History, weights: torch.Tensor, fragment: int):
     version = 0
     while True:
         shared = ray.put(weights)  # one copy in the object store, read by every actor

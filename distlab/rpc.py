@@ -7,19 +7,17 @@ that lives on its owner). Parameter servers (notebook 03) are built this way.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import torch.distributed as dist
+from torch.distributed import rpc
 
 from .ranks import free_port
 
 
 def available() -> bool:
     """torch.distributed.rpc is missing from some builds (e.g. some Windows and macOS wheels)."""
-    import torch.distributed.rpc as rpc
-
     return rpc.is_available()
 
 
@@ -43,14 +41,11 @@ def start(ctx, timeout: float = 60.0) -> None:
     """rpc.init_rpc on every rank of the launch, as worker<rank>, over TensorPipe on 127.0.0.1.
 
     Once per process: launch the function with dl.launch(..., fresh=True)."""
-    from torch.distributed import rpc
-
     global _started_before
     if _started_before:
         raise RuntimeError("torch.distributed.rpc cannot be started twice in one process (its RRef state "
                            "outlives rpc.shutdown): launch with dl.launch(..., fresh=True)")
     _started_before = True
-    os.environ.setdefault("TP_SOCKET_IFNAME", "lo")  # TensorPipe: stay on the loopback interface
     options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{_free_port_agreed()}",
                                               rpc_timeout=timeout, num_worker_threads=4)
     with warnings.catch_warnings():  # init_rpc's own device-map exchange trips a deprecation warning of torch's
@@ -75,8 +70,6 @@ class Counter:
 
 def where_am_i(x: torch.Tensor) -> tuple[str, torch.Tensor]:
     """Runs on the callee: it says who it is, and squares what it was sent."""
-    from torch.distributed import rpc
-
     return rpc.get_worker_info().name, x * x
 
 
@@ -88,8 +81,6 @@ def contribute(counter, rank: int) -> float:
 def demo(ctx) -> dict:
     """rpc_sync and rpc_async to the other ranks; rank 0 creates a Counter on the last rank (rpc.remote),
     passes its RRef to every rank, and each adds rank + 1 to it."""
-    from torch.distributed import rpc
-
     start(ctx)
     right = worker((ctx.rank + 1) % ctx.world_size)
     callee, squared = rpc.rpc_sync(right, where_am_i, args=(torch.tensor([ctx.rank + 1.0]),))

@@ -25,10 +25,14 @@ import cloudpickle
 RUNS_ROOT_ENV = "DISTLAB_RUNS"
 
 
+def runs_folder(root: str | os.PathLike | None = None) -> Path:
+    """Where run folders go: `root`, else $DISTLAB_RUNS, else ./runs."""
+    return Path(root or os.environ.get(RUNS_ROOT_ENV, "runs"))
+
+
 def new_run_dir(name: str, root: str | os.PathLike | None = None) -> Path:
-    """A new, empty run folder under `root` (default: $DISTLAB_RUNS, else ./runs)."""
-    root = Path(root or os.environ.get(RUNS_ROOT_ENV, "runs"))
-    return make_run_dir(root / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}")
+    """A new, empty run folder under `runs_folder(root)`."""
+    return make_run_dir(runs_folder(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}")
 
 
 def make_run_dir(path: str | os.PathLike) -> Path:

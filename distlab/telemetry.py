@@ -110,7 +110,7 @@ class Drift:
         params = [p.detach() for p in _unwrap(model).parameters()]
         self._flat = torch.nn.utils.parameters_to_vector(params).clone()
         self._sum = self._flat.clone()
-        self._pending = comm.all_reduce_async(self._sum, tag="telemetry")
+        self._pending = comm.all_reduce_async(self._sum, tag=OVERHEAD_TAG)
 
     def value(self) -> float:
         self._pending.wait()

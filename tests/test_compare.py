@@ -7,7 +7,7 @@ import pytest
 
 import distlab as dl
 from distlab import compare
-from distlab.architectures import gossip
+from distlab.comm import ring_allreduce_bytes
 from distlab.viz import compare as cviz
 
 PAYLOAD = compare.PAYLOAD  # 2,410 float32 parameters
@@ -37,7 +37,7 @@ def test_bad_input_is_refused_before_anything_runs():
 
 
 def test_cost_model_per_round():
-    assert compare.busiest_bytes_per_sync("all-reduce", 4) == gossip.ring_allreduce_bytes(PAYLOAD, 4) == 1.5 * PAYLOAD
+    assert compare.busiest_bytes_per_sync("all-reduce", 4) == ring_allreduce_bytes(PAYLOAD, 4) == 1.5 * PAYLOAD
     assert compare.busiest_bytes_per_sync("gossip ring", 64) == 2 * PAYLOAD  # degree-bounded: flat in N
     assert compare.busiest_bytes_per_sync("gossip full", 64) == 63 * PAYLOAD
     assert compare.busiest_bytes_per_sync("PS sync", 64) == compare.busiest_bytes_per_sync("FedAvg", 64) == 63 * PAYLOAD

@@ -7,22 +7,7 @@ import distlab as dl
 from distlab import gpt
 from distlab.parallel import pipeline as pp
 
-P, M, BATCH = 4, 4, 16
-
-
-def unsplit(steps=1, lr=0.0, batch_size=BATCH, seed=0):
-    """The whole model in this process on the same batches: losses per step and the last gradients."""
-    model = gpt.gpt(gpt.GPTConfig(), seed)
-    data, generator = gpt.encode(gpt.corpus()), torch.Generator().manual_seed(seed)
-    optimizer, losses = torch.optim.SGD(model.parameters(), lr=lr), []
-    for _ in range(steps):
-        x, y = gpt.batch(data, batch_size, gpt.GPTConfig().block_size, generator)
-        optimizer.zero_grad()
-        loss = gpt.lm_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, {n: q.grad for n, q in model.named_parameters()}
+P, M = 4, 4
 
 
 def merged_grads(results):
@@ -65,7 +50,7 @@ def test_simulated_ideal_pipeline_has_the_predicted_bubble_for_both_schedules():
 
 @pytest.mark.timeout(180)
 def test_gpipe_and_1f1b_give_the_unsplit_loss_and_gradients(schedules):
-    losses, reference = unsplit()
+    losses, reference = gpt.train_single()
     for name, results in schedules.items():
         assert [r["loss"] is None for r in results] == [True] * (P - 1) + [False]
         assert results[-1]["loss"] == pytest.approx(losses[0], abs=1e-5), name
@@ -86,7 +71,7 @@ def test_1f1b_holds_at_most_p_minus_stage_micro_batches_gpipe_all_of_them(schedu
 
 @pytest.mark.timeout(180)
 def test_torch_pipelining_gives_the_unsplit_loss_and_gradients():
-    losses, reference = unsplit()
+    losses, reference = gpt.train_single()
     for name in pp.SCHEDULES:
         results = dl.launch(pp.builtin_pipeline, world_size=P, timeout=120, schedule=name, micro_batches=M).results
         assert results[-1]["loss"] == pytest.approx(losses[0], abs=1e-5)
@@ -95,7 +80,7 @@ def test_torch_pipelining_gives_the_unsplit_loss_and_gradients():
 
 @pytest.mark.timeout(180)
 def test_data_x_pipeline_on_a_2x2_mesh_trains_like_one_process():
-    losses, _ = unsplit(steps=3, lr=0.1)
+    losses, _ = gpt.train_single(steps=3, lr=0.1)
     run = dl.launch(pp.data_pipeline, world_size=4, timeout=120, steps=3, lr=0.1)
     last_stages = [r["losses"] for r in run.results if r["stage"] == 1]  # one per data-parallel replica
     assert len(last_stages) == 2

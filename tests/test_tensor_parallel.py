@@ -9,7 +9,6 @@ from torch import nn
 import distlab as dl
 from distlab import gpt
 from distlab.parallel import tensor as tp
-from test_pipeline import unsplit
 
 TP = 4  # the GPT's 4 heads: one per rank
 
@@ -61,7 +60,7 @@ def test_parallelize_module_equals_the_unsharded_block():
 
 @pytest.mark.timeout(120)
 def test_data_x_tensor_on_a_2x2_mesh_trains_like_one_process():
-    losses, _ = unsplit(steps=3, lr=0.1)
+    losses, _ = gpt.train_single(steps=3, lr=0.1)
     run = dl.launch(tp.data_tensor, world_size=4, timeout=90, steps=3)
     by_replica = {r["dp_rank"]: r["losses"] for r in run.results}
     for r in run.results:  # both shards of a replica compute the same loss

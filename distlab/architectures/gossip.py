@@ -13,14 +13,15 @@ Every step also measures the consensus distance (Kong et al. 2021) of the living
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .. import data, models
+from ..comm import ring_allreduce_bytes
 from . import topology as topo
 
 ALGORITHMS = ("dpsgd", "pairwise", "allreduce")
@@ -55,26 +56,26 @@ def consensus_distance(flat: torch.Tensor, group, n: int) -> float:
     return math.sqrt(square.item() / n)
 
 
-def ring_allreduce_bytes(payload: int, n: int) -> int:
-    """What a bandwidth-optimal (ring) all-reduce sends per rank: 2(N-1)/N of the payload."""
-    return round(2 * (n - 1) * payload / n)
+def alive_at(n: int, leave: dict[int, int], step: int) -> tuple[int, ...]:
+    """The ranks still training at `step` when ranks leave on a schedule ({rank: step it stops at})."""
+    return tuple(r for r in range(n) if leave.get(r, math.inf) > step)
 
 
 class Membership:
-    """Who is alive at each step when ranks leave on a schedule ({rank: step it stops at}), known to all.
+    """Who is alive at each step when ranks leave on a schedule, known to all.
 
     One process group per set of survivors, created up front by every rank (new_group is collective),
     so the survivors can still measure their consensus after a rank is gone.
     """
 
-    def __init__(self, graph: list, leave: dict[int, int], steps: int):
-        self.n, self.leave, self.steps = len(graph), leave, steps
+    def __init__(self, graph: list, leave: dict[int, int]):
+        self.n, self.leave = len(graph), leave
         self.groups = {}
         for at in sorted(set(leave.values())):
             self.groups[self.alive(at)] = dist.new_group(list(self.alive(at)))
 
     def alive(self, step: int) -> tuple[int, ...]:
-        return tuple(r for r in range(self.n) if self.leave.get(r, self.steps + 1) > step)
+        return alive_at(self.n, self.leave, step)
 
     def group(self, step: int):
         return self.groups.get(self.alive(step))  # None: the default group, everyone
@@ -83,18 +84,6 @@ class Membership:
         for members, group in self.groups.items():
             if rank in members:
                 dist.destroy_process_group(group)
-
-
-def gradient(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-    model.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    return parameters_to_vector([p.grad for p in model.parameters()]), loss.item()
-
-
-@torch.no_grad()
-def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
-    return (model(x).argmax(1) == y).float().mean().item()
 
 
 def check_options(graph: list, algorithm: str, steps: int, mix_every: int, leave: dict[int, int]) -> None:
@@ -107,9 +96,9 @@ def check_options(graph: list, algorithm: str, steps: int, mix_every: int, leave
     if any(not (0 <= rank < n and 1 <= at <= steps) for rank, at in leave.items()):
         raise ValueError(f"leave must map ranks in [0, {n}) to steps in [1, {steps}], got {leave}")
     for at in set(leave.values()):
-        alive = [r for r in range(n) if leave.get(r, steps + 1) > at]
+        alive = alive_at(n, leave, at)
         if not alive or not topo.is_connected(graph, alive):
-            raise ValueError(f"leave={leave} leaves the survivors {alive} without a connected graph")
+            raise ValueError(f"leave={leave} leaves the survivors {list(alive)} without a connected graph")
 
 
 def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 200, lr: float = 0.2,
@@ -126,7 +115,8 @@ def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 20
     graph = topo.graph(topology, n, seed=seed)
     leave = {int(r): int(k) for r, k in (leave or {}).items()}
     check_options(graph, algorithm, steps, mix_every, leave)
-    members = Membership(graph, leave, steps)
+    members = Membership(graph, leave)
+    fixed_w = functools.cache(lambda alive: topo.mixing_matrix(graph, alive))  # changes only when ranks leave
     torch.manual_seed(seed if same_start else seed + 1 + rank)
     model = models.mlp(64, hidden, 10)
     x, y, x_test, y_test = data.digits(rank, n, seed=seed)
@@ -135,22 +125,22 @@ def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 20
     flat = parameters_to_vector(model.parameters()).detach()
     payload = flat.numel() * flat.element_size()
     ctx.set_total(steps)
-    ctx.log(step=0, consensus=consensus_distance(flat, None, n), sent_bytes=0, accuracy=accuracy(model, x_test, y_test))
+    ctx.log(step=0, consensus=consensus_distance(flat, None, n), sent_bytes=0, accuracy=models.accuracy(model, x_test, y_test))
     sent, taken = 0, 0
     for step in range(1, steps + 1):
         alive = members.alive(step)
         if rank not in alive:
             break
         pick = torch.randint(len(x), (batch,), generator=batches)
-        grad, loss = gradient(model, x[pick], y[pick])
+        grad, loss = models.gradient(model, x[pick], y[pick])
         step_bytes = 0
         if algorithm == "allreduce":
             flat = flat - lr * ctx.comm.all_reduce(grad) / n
-            step_bytes = ring_allreduce_bytes(payload, n)
+            step_bytes = round(ring_allreduce_bytes(payload, n))
         else:
             flat = flat - lr * grad
             if step % mix_every == 0:
-                w = (topo.mixing_matrix(graph, alive) if algorithm == "dpsgd"
+                w = (fixed_w(alive) if algorithm == "dpsgd"
                      else topo.pairwise_matrix(topo.random_matching(graph, matchings, alive)))
                 peers = [j for j in range(n) if j != rank and w[rank, j] > 0]
                 flat = mix(rank, flat, exchange(flat, peers), w)
@@ -160,7 +150,7 @@ def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 20
         row = {"step": step, "loss": loss, "consensus": consensus_distance(flat, members.group(step), len(alive)),
                "sent_bytes": step_bytes, "alive": len(alive)}
         if step % eval_every == 0 or step == steps:
-            row["accuracy"] = accuracy(model, x_test, y_test)
+            row["accuracy"] = models.accuracy(model, x_test, y_test)
         ctx.log(**row)
     members.close(rank)
-    return {"accuracy": accuracy(model, x_test, y_test), "sent_bytes": sent, "steps": taken, "params": flat.clone()}
+    return {"accuracy": models.accuracy(model, x_test, y_test), "sent_bytes": sent, "steps": taken, "params": flat.clone()}

@@ -14,7 +14,6 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .. import data, models
 from . import topology as topo
-from .gossip import accuracy, gradient
 
 
 def train(ctx, rounds: int = 20, local_steps: int = 5, lr: float = 0.2, batch: int = 32,
@@ -70,7 +69,7 @@ def work(ctx, rounds: int, local_steps: int, lr: float, batch: int, seed: int, h
         partner = int(ctx.comm.recv(torch.zeros(1, dtype=torch.int64), src=0, tag="control"))
         for _ in range(local_steps):
             pick = torch.randint(len(x), (batch,), generator=batches)
-            grad, loss = gradient(model, x[pick], y[pick])
+            grad, loss = models.gradient(model, x[pick], y[pick])
             flat = flat - lr * grad
             vector_to_parameters(flat, model.parameters())
         if partner >= 0:
@@ -78,4 +77,4 @@ def work(ctx, rounds: int, local_steps: int, lr: float, batch: int, seed: int, h
             vector_to_parameters(flat, model.parameters())
         ctx.comm.send(torch.tensor([loss]), dst=0, tag="control")
         ctx.log(step=round_, loss=loss, partner=partner)
-    return {"shard": shard, "accuracy": accuracy(model, x_test, y_test), "params": flat.clone()}
+    return {"shard": shard, "accuracy": models.accuracy(model, x_test, y_test), "params": flat.clone()}

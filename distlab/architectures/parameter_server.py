@@ -76,13 +76,6 @@ def batch_order(worker: int, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1000 + worker)
 
 
-def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
-    model.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    return loss.item(), torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-
-
 class Worker:
     """Pull all shards, compute a gradient on a minibatch of its data, push each shard's part."""
 
@@ -143,7 +136,7 @@ def run_worker(ctx, worker: Worker, batch, delay, slow, jitter, crash_at, seed, 
         if slow or torch.rand(1, generator=hiccups).item() < jitter:
             time.sleep(delay)
         pick = torch.randint(len(worker.x), (batch,), generator=worker.order)
-        loss, grad = gradient(worker.model, worker.x[pick], worker.y[pick])
+        grad, loss = models.gradient(worker.model, worker.x[pick], worker.y[pick])
         worker.push(step, grad)
         for key, value in zip(rows, (step, time.time() - t0, loss, max(worker.gaps), waited)):
             rows[key].append(value)
@@ -382,5 +375,4 @@ def accuracy(results: list[dict], hidden: int = 32) -> float:
     model = build_model(0, hidden)
     nn.utils.vector_to_parameters(final_parameters(results), model.parameters())
     _, _, x, y = data.digits()
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
+    return models.accuracy(model, x, y)

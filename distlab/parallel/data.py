@@ -20,6 +20,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
+from ..comm import nbytes
 from ..data import digits
 from ..models import mlp
 
@@ -56,7 +57,7 @@ class Spans:
     def comm(self, name: str, tensor: torch.Tensor):
         start = self._now()
         yield
-        self.add("comm", name, start, self._now(), tensor.numel() * tensor.element_size())
+        self.add("comm", name, start, self._now(), nbytes(tensor))
 
 
 def digits_train() -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +111,10 @@ def timed_allreduce_hook(spans: Spans):
     from the moment backward hands the bucket over to the moment its all-reduce is done."""
 
     def hook(group, bucket):  # no annotations: DDP inspects them
-        start, nbytes = perf_counter(), bucket.buffer().numel() * bucket.buffer().element_size()
+        start, size = perf_counter(), nbytes(bucket.buffer())
 
         def done(future):
-            spans.add("comm", "all_reduce", start, perf_counter(), nbytes)
+            spans.add("comm", "all_reduce", start, perf_counter(), size)
             return future.value()
 
         return allreduce_hook(group, bucket).then(done)

@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models import mlp
-from .data import SIZES, Spans, average_bucket, digits_train, flat, shard_batches, timed_allreduce_hook
+from .data import SIZES, Spans, average_bucket, digits_train, shard_batches, timed_allreduce_hook
 from .mesh import device_mesh
-from .model import pipeline_step, split_layers
+from .model import split_layers, train_stage
 
 GRIDS = ("new_group", "device_mesh")
 
@@ -43,7 +43,7 @@ def train_hybrid(ctx, grid: str = "device_mesh", dp: int = 2, steps: int = 20, b
 
     `grid`="new_group": the column groups by hand and one flat-bucket all-reduce per step;
     "device_mesh": init_device_mesh and DistributedDataParallel over the mesh's "dp" axis.
-    Replica d trains on shard d of each batch of dp·batch examples. Returns what train_model_parallel does."""
+    Replica d trains on shard d of each batch of dp·batch examples. Returns what train_stage does."""
     if grid not in GRIDS:
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     if dp < 1 or ctx.world_size % dp:
@@ -56,31 +56,18 @@ def train_hybrid(ctx, grid: str = "device_mesh", dp: int = 2, steps: int = 20, b
     stage = split_layers(mlp(*SIZES).to(ctx.device), mp)[m]
     width, params = stage[0].in_features, list(stage.parameters())
     data = shard_batches(*digits_train(), d, dp, batch, seed)  # the row shares a shard
-    optimizer = torch.optim.SGD(params, lr=lr)
     spans = Spans(ctx.device)
-    ctx.set_total(steps)
-    losses, first_grads = [], None
     if grid == "new_group":
         grid_groups = column_groups(dp, mp)
     else:
         grid_groups = device_mesh(ctx.device.type, (dp, mp), ("dp", "mp"))
     with grid_groups as axis:
-        if grid == "device_mesh":
+        average = None
+        if grid == "new_group":
+            average = partial(average_bucket, params, partial(dist.all_reduce, group=axis), dp, spans)
+        else:
             stage = DDP(stage, device_mesh=axis["dp"])  # averages the stage's gradients along the column
             stage.register_comm_hook(stage.process_group, timed_allreduce_hook(spans))
-        for step in range(steps):
-            spans.step = step
-            x, y = (t.to(ctx.device) for t in next(data))
-            optimizer.zero_grad()
-            loss = pipeline_step(stage, width, x, y, before, after, ctx.comm, spans)
-            if grid == "new_group":
-                average_bucket(params, partial(dist.all_reduce, group=axis), dp, spans)
-            if step == 0:
-                first_grads = flat(p.grad for p in params)
-            with spans.compute("optimizer"):
-                optimizer.step()
-            if loss is not None:
-                losses.append(loss.item())
-                ctx.log(step=step, loss=losses[-1])
+        result = train_stage(ctx, stage, width, data, before, after, steps, lr, spans, average)
         del stage  # DDP holds the column's group: let it go before the group is destroyed
-    return {"losses": losses, "grads": first_grads, "params": flat(params), "spans": spans.rows}
+    return result

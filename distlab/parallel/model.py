@@ -7,6 +7,8 @@ GPipe (Huang et al. 2019, arXiv:1811.06965) fills that idle time with micro-batc
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,31 +60,40 @@ def pipeline_step(stage: nn.Module, width: int, x: torch.Tensor, y: torch.Tensor
     return loss
 
 
-def train_model_parallel(ctx, steps: int = 20, batch: int = 64, lr: float = 0.5, seed: int = 0) -> dict:
-    """Rank function: the digits MLP split by layers over the ranks, rank r holding stage r.
-
-    Every rank builds the whole model from the same seed and keeps its stage, so the split model
-    starts from the weights of the unsplit one. Returns this stage's losses (last stage only),
-    first-step gradients, final parameters and timeline spans."""
-    torch.manual_seed(seed)
-    stage = split_layers(mlp(*SIZES).to(ctx.device), ctx.world_size)[ctx.rank]
-    before = ctx.rank - 1 if ctx.rank > 0 else None
-    after = ctx.rank + 1 if ctx.rank < ctx.world_size - 1 else None
-    data = shard_batches(*digits_train(), 0, 1, batch, seed)  # every stage sees the whole batch
-    optimizer = torch.optim.SGD(stage.parameters(), lr=lr)
-    spans = Spans(ctx.device)
+def train_stage(ctx, stage: nn.Module, width: int, data: Iterator, before: int | None, after: int | None,
+                steps: int, lr: float, spans: Spans, average: Callable[[], None] | None = None) -> dict:
+    """SGD on one stage: pipeline_step on each batch of `data`, then `average` (when given: averages the
+    gradients over replicas, hybrid.py). Returns this stage's losses (last stage only), first-step
+    gradients, final parameters and timeline spans."""
+    params = list(stage.parameters())
+    optimizer = torch.optim.SGD(params, lr=lr)
     ctx.set_total(steps)
     losses, first_grads = [], None
     for step in range(steps):
         spans.step = step
         x, y = (t.to(ctx.device) for t in next(data))
         optimizer.zero_grad()
-        loss = pipeline_step(stage, stage[0].in_features, x, y, before, after, ctx.comm, spans)
+        loss = pipeline_step(stage, width, x, y, before, after, ctx.comm, spans)
+        if average is not None:
+            average()
         if step == 0:
-            first_grads = flat(p.grad for p in stage.parameters())
+            first_grads = flat(p.grad for p in params)
         with spans.compute("optimizer"):
             optimizer.step()
         if loss is not None:
             losses.append(loss.item())
             ctx.log(step=step, loss=losses[-1])
-    return {"losses": losses, "grads": first_grads, "params": flat(stage.parameters()), "spans": spans.rows}
+    return {"losses": losses, "grads": first_grads, "params": flat(params), "spans": spans.rows}
+
+
+def train_model_parallel(ctx, steps: int = 20, batch: int = 64, lr: float = 0.5, seed: int = 0) -> dict:
+    """Rank function: the digits MLP split by layers over the ranks, rank r holding stage r.
+
+    Every rank builds the whole model from the same seed and keeps its stage, so the split model
+    starts from the weights of the unsplit one. Returns what train_stage does."""
+    torch.manual_seed(seed)
+    stage = split_layers(mlp(*SIZES).to(ctx.device), ctx.world_size)[ctx.rank]
+    before = ctx.rank - 1 if ctx.rank > 0 else None
+    after = ctx.rank + 1 if ctx.rank < ctx.world_size - 1 else None
+    data = shard_batches(*digits_train(), 0, 1, batch, seed)  # every stage sees the whole batch
+    return train_stage(ctx, stage, stage[0].in_features, data, before, after, steps, lr, Spans(ctx.device))

@@ -54,9 +54,13 @@ def one_f_one_b_schedule(m: int, p: int, stage: int) -> list[Action]:
     return [("F", i) for i in range(warmup)] + steady + [("B", i) for i in range(m - warmup, m)]
 
 
-def schedule_for(name: str, m: int, p: int, stage: int) -> list[Action]:
+def _check_schedule(name: str) -> None:
     if name not in SCHEDULES:
         raise ValueError(f"schedule={name!r}; choose one of {SCHEDULES}")
+
+
+def schedule_for(name: str, m: int, p: int, stage: int) -> list[Action]:
+    _check_schedule(name)
     return gpipe_schedule(m) if name == "gpipe" else one_f_one_b_schedule(m, p, stage)
 
 
@@ -189,12 +193,12 @@ def pipeline_train(ctx, schedule: str = "gpipe", micro_batches: int = 4, batch_s
     stage, p = ranks.index(ctx.rank), len(ranks)
     model = gpt.gpt(cfg, seed).to(ctx.device)
     module = stage_module(model, stage, p)
-    data, generator = gpt.encode(gpt.corpus()), torch.Generator().manual_seed(seed)
+    data = gpt.batches(batch_size, cfg.block_size, seed)
     optimizer = torch.optim.SGD(module.parameters(), lr=lr)
     actions = schedule_for(schedule, micro_batches, p, stage)
     losses = []
     for step in range(steps):
-        x, y = (t[data_shard[0]::data_shard[1]].to(ctx.device) for t in gpt.batch(data, batch_size, cfg.block_size, generator))
+        x, y = (t[data_shard[0]::data_shard[1]].to(ctx.device) for t in next(data))
         xs, ys = split_micro(x, micro_batches), split_micro(y, micro_batches)
         optimizer.zero_grad()
         dist.barrier()
@@ -215,15 +219,14 @@ def builtin_pipeline(ctx, schedule: str = "gpipe", micro_batches: int = 4, batch
     """The same stages and batch through torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B."""
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+    _check_schedule(schedule)
     cfg = cfg or gpt.GPTConfig()
     stage, p = ctx.rank, ctx.world_size
     model = gpt.gpt(cfg, seed).to(ctx.device)
     module = stage_module(model, stage, p)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r}; choose one of {SCHEDULES}")
     runner = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
     pipe = runner(PipelineStage(module, stage, p, ctx.device), micro_batches, loss_fn=gpt.lm_loss)
-    x, y = gpt.batch(gpt.encode(gpt.corpus()), batch_size, cfg.block_size, torch.Generator().manual_seed(seed))
+    x, y = next(gpt.batches(batch_size, cfg.block_size, seed))
     losses: list[torch.Tensor] = []
     if stage == 0:
         pipe.step(x.to(ctx.device))

@@ -193,10 +193,10 @@ def data_tensor(ctx, dp: int = 2, tp: int = 2, batch_size: int = 16, steps: int 
         model = tp_gpt(gpt.gpt(cfg, seed), tp_rank, tp, GroupAllReduce(ctx, mesh.get_group("tp"), "tp")).to(ctx.device)
         average = GroupAllReduce(ctx, mesh.get_group("dp"), "dp")
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        data, generator = gpt.encode(gpt.corpus()), torch.Generator().manual_seed(seed)
+        data = gpt.batches(batch_size, cfg.block_size, seed)
         losses = []
         for step in range(steps):
-            x, y = (t[dp_rank::dp].to(ctx.device) for t in gpt.batch(data, batch_size, cfg.block_size, generator))
+            x, y = (t[dp_rank::dp].to(ctx.device) for t in next(data))
             optimizer.zero_grad()
             loss = gpt.lm_loss(model(x), y)
             loss.backward()

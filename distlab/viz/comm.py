@@ -7,12 +7,10 @@ import math
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from .. import comm
-
-COLOURS = qualitative.Plotly
+from .figures import _colour
 
 
 def bytes_table(run, numel: int, element_size: int = 4) -> pd.DataFrame:
@@ -59,7 +57,7 @@ def alpha_beta_figure(rows: list[dict]) -> go.Figure:
     for col, n in enumerate(map(int, worlds), start=1):
         for i, fit in enumerate(fits[fits["world_size"] == n].itertuples()):
             part = frame[(frame["world_size"] == n) & (frame["algorithm"] == fit.algorithm)]
-            model, style = _model_of(fit.algorithm), {"color": COLOURS[i % len(COLOURS)]}
+            model, style = _model_of(fit.algorithm), {"color": _colour(i)}
             predicted = [comm.predict_seconds(fit.alpha, fit.beta, comm.message_rounds(model, n),
                                               comm.critical_bytes(model, s // 4, 4, n)) for s in sizes]
             fig.add_trace(go.Scatter(x=part["bytes"], y=part["seconds"], mode="markers", marker=style,
@@ -94,10 +92,10 @@ def _contributions(sends: list[dict], n: int) -> list[list[list[list[int]]]]:
     return history
 
 
-def ring_replay(events: list[list[dict]] | list[dict], frames_per_step: int = 5) -> go.Figure:
+def ring_replay(events: list[list[dict]], frames_per_step: int = 5) -> go.Figure:
     """Animated replay of a recorded ring all-reduce: each chunk moves from sender to receiver, step by
     step, with the measured time of the step; the right panel shows how many ranks' data each chunk holds."""
-    rows = [e for part in events for e in (part if isinstance(part, list) else [part])]
+    rows = [e for part in events for e in part]
     sends = sorted((e for e in rows if e["kind"] == "send"), key=lambda e: (e["step"], e["src"]))
     n = max(max(e["src"], e["dst"]) for e in sends) + 1
     t0 = min(e["t_start"] for e in rows)
@@ -116,7 +114,7 @@ def ring_replay(events: list[list[dict]] | list[dict], frames_per_step: int = 5)
         xs = [where[e["src"]][0] + fraction * (where[e["dst"]][0] - where[e["src"]][0]) for e in moving]
         ys = [where[e["src"]][1] + fraction * (where[e["dst"]][1] - where[e["src"]][1]) for e in moving]
         return go.Scatter(x=xs, y=ys, mode="markers+text", text=[f"c{e['chunk']}" for e in moving],
-                          marker={"size": 26, "color": [COLOURS[e["chunk"] % len(COLOURS)] for e in moving]},
+                          marker={"size": 26, "color": [_colour(e["chunk"]) for e in moving]},
                           textfont={"color": "white"}, showlegend=False,
                           hovertext=[f"rank {e['src']} → {e['dst']}: chunk {e['chunk']}, {e['bytes']} B" for e in moving])
 
@@ -165,7 +163,7 @@ def timeline_figure(events: list[list[dict]], title: str = "Sends and receives p
     for i, (phase, part) in enumerate(rows.groupby("phase", sort=False)):
         fig.add_trace(go.Bar(base=(part["t_start"] - t0) * 1e3, x=(part["t_end"] - part["t_start"]) * 1e3,
                              y=[f"rank {r} {k}" for r, k in zip(part["rank"], part["kind"])], orientation="h",
-                             name=phase, marker_color=COLOURS[i % len(COLOURS)],
+                             name=phase, marker_color=_colour(i),
                              hovertext=[f"chunk {c}, step {s}, {b} B" for c, s, b in zip(part["chunk"], part["step"], part["bytes"])]))
     fig.update_layout(title=title, barmode="overlay", height=350, xaxis_title="ms since the first send",
                       yaxis_title="rank, direction", yaxis={"categoryorder": "category descending"})
@@ -195,7 +193,7 @@ def compression_figure(results: list[dict]) -> go.Figure:
         fig.add_trace(go.Scatter(x=[result["bytes"]], y=[result["accuracy"]], mode="markers+text",
                                  text=[_label(result)], textposition="bottom center" if i % 2 else "top center",
                                  name=_label(result),
-                                 marker={"size": 12, "color": COLOURS[i % len(COLOURS)]}))
+                                 marker={"size": 12, "color": _colour(i)}))
     low, high = math.log10(min(r["bytes"] for r in results)), math.log10(max(r["bytes"] for r in results))
     fig.update_layout(title="Gradient compression: bytes sent vs accuracy reached (digits, same training)",
                       xaxis={"type": "log", "title": "bytes sent per rank (log scale)", "range": [low - 0.4, high + 0.4]},

@@ -6,10 +6,10 @@ import math
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from ..compare import ARCHITECTURES, PAYLOAD, busiest_bytes_per_sync
+from .figures import _colour
 
 MB = 1e6
 METRICS = {  # column: (subplot title, scale)
@@ -24,8 +24,7 @@ METRICS = {  # column: (subplot title, scale)
 
 def colour(architecture: str) -> str:
     """The same colour for an architecture in every figure."""
-    i = ARCHITECTURES.index(architecture) if architecture in ARCHITECTURES else len(ARCHITECTURES)
-    return qualitative.Plotly[i % len(qualitative.Plotly)]
+    return _colour(ARCHITECTURES.index(architecture) if architecture in ARCHITECTURES else len(ARCHITECTURES))
 
 
 LABEL_POSITION = {"PS async": "bottom center"}  # keep neighbours' labels apart

@@ -8,6 +8,7 @@ from plotly.subplots import make_subplots
 
 from ..history import stale_reads
 from ..replicated_store import History
+from .parameter_server import loss_figure
 
 MODE_COLOURS = {"strong": qualitative.Plotly[0], "weak": qualitative.Plotly[1], "eventual": qualitative.Plotly[2]}
 KIND_COLOURS = {"read": "#636efa", "write": "#ef553b", "reply": "#b6b6b6", "replicate": "#ab63fa",
@@ -94,33 +95,7 @@ def sweep_figure(rows: list[dict], x: str, x_label: str) -> go.Figure:
     return fig
 
 
-def _pushes(results: list[dict]) -> tuple[list[float], list[float]]:
-    """Every worker's (time, loss) per step, in time order."""
-    rows = sorted((t, loss) for r in results if r["role"] == "worker"
-                  for t, loss in zip(r["steps"]["t"], r["steps"]["loss"]))
-    return [t for t, _ in rows], [loss for _, loss in rows]
-
-
-def _moving_mean(values: list[float], window: int) -> list[float]:
-    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
-
-
-def training_figure(runs: dict[str, list[dict]], window: int = 15) -> go.Figure:
-    """Loss against iteration and against wall time, one line per staleness bound.
-
-    runs: label -> the results of distlab.consistency.train. Iteration counts gradients pushed by all
-    workers divided by the number of workers; the loss is a moving mean over `window` pushes.
-    """
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss against iteration", "loss against wall time"))
-    for i, (label, results) in enumerate(runs.items()):
-        times, losses = _pushes(results)
-        workers = sum(r["role"] == "worker" for r in results)
-        smooth = _moving_mean(losses, window)
-        style = {"name": label, "legendgroup": label, "line": {"color": qualitative.Plotly[i]}}
-        fig.add_scatter(x=[(k + 1) / workers for k in range(len(smooth))], y=smooth, row=1, col=1, **style)
-        fig.add_scatter(x=times, y=smooth, row=1, col=2, showlegend=False, **style)
-    fig.update_xaxes(title_text="iteration (pushes / workers)", row=1, col=1)
-    fig.update_xaxes(title_text="wall time (s)", row=1, col=2)
-    fig.update_yaxes(title_text=f"training loss (mean of {window} pushes)")
-    fig.update_layout(title="BSP, SSP and ASP with a straggler", height=380)
-    return fig
+def training_figure(runs: dict[str, list[dict]], smooth: int = 5) -> go.Figure:
+    """Loss against iteration and against wall time, one line per staleness bound (runs: label -> the
+    results of distlab.consistency.train); the loss is a rolling mean over `smooth` iterations."""
+    return loss_figure(runs, smooth, title="BSP, SSP and ASP with a straggler")

@@ -7,14 +7,10 @@ import time
 import networkx as nx
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from ..architectures import topology as topo
-
-
-def _colour(i: int) -> str:
-    return qualitative.Plotly[i % len(qualitative.Plotly)]
+from .figures import _colour
 
 
 def _layout(topology: str, graph: list, seed: int) -> dict[int, tuple[float, float]]:

@@ -64,7 +64,7 @@ def trajectory(surface: str, optimizer: str, steps: int = 200, **hyper) -> np.nd
     return torch.stack(path).numpy()
 
 
-def _hyper(surface: Surface, lr: float, adam_lr: float, momentum: float, beta1: float, beta2: float) -> dict:
+def _hyper(lr: float, adam_lr: float, momentum: float, beta1: float, beta2: float) -> dict:
     return {"sgd": {"lr": lr}, "momentum": {"lr": lr, "momentum": momentum},
             "adam": {"lr": adam_lr, "betas": (beta1, beta2)}}
 
@@ -84,7 +84,7 @@ def surface_figure(surface: str, steps: int = 200, lr: float | None = None, adam
                    momentum: float = 0.9, beta1: float = 0.9, beta2: float = 0.999) -> go.Figure:
     """Contours of the surface and the three optimizers' paths from the same start."""
     s = _surface(surface)
-    hyper = _hyper(s, lr or s.lr, adam_lr or s.adam_lr, momentum, beta1, beta2)
+    hyper = _hyper(lr or s.lr, adam_lr or s.adam_lr, momentum, beta1, beta2)
     fig = go.Figure(_contour(s))
     for name, h in hyper.items():
         path = trajectory(surface, name, steps, **h)
@@ -99,7 +99,7 @@ def surface_figure(surface: str, steps: int = 200, lr: float | None = None, adam
 
 
 def explorer(surface: str = "Rosenbrock", steps: int = 200) -> widgets.VBox:
-    """Sliders for η, γ, β₁, β₂ (and the surface); the paths are recomputed and redrawn on each change."""
+    """Sliders for η, γ, β₁, β₂ (and the surface); a slider recomputes only the paths that use it."""
     s = _surface(surface)
     fig = go.FigureWidget(surface_figure(surface, steps))
     pick = widgets.Dropdown(options=list(SURFACES), value=surface, description="surface")
@@ -114,13 +114,16 @@ def explorer(surface: str = "Rosenbrock", steps: int = 200) -> widgets.VBox:
     for w in (pick, lr, adam_lr, momentum, beta1, beta2):
         w.style = style
 
+    paths = dict(zip(NAMES, fig.data[1:]))  # after the contour, one trace per optimizer
+    uses = {lr: ("sgd", "momentum"), momentum: ("momentum",), adam_lr: ("adam",), beta1: ("adam",), beta2: ("adam",)}
+
     def new_surface(change) -> None:
         chosen = SURFACES[change["new"]]
         with lr.hold_trait_notifications(), adam_lr.hold_trait_notifications():
             lr.value, adam_lr.value = chosen.lr, chosen.adam_lr
-        redraw_all(None)
+        redraw_all()
 
-    def redraw_all(_) -> None:
+    def redraw_all() -> None:
         new = surface_figure(pick.value, steps, lr.value, adam_lr.value, momentum.value, beta1.value, beta2.value)
         with fig.batch_update():
             for old, trace in zip(fig.data, new.data):
@@ -128,9 +131,16 @@ def explorer(surface: str = "Rosenbrock", steps: int = 200) -> widgets.VBox:
             fig.layout.title = new.layout.title
             fig.layout.xaxis.range, fig.layout.yaxis.range = new.layout.xaxis.range, new.layout.yaxis.range
 
+    def redraw(names: tuple[str, ...]) -> None:
+        hyper = _hyper(lr.value, adam_lr.value, momentum.value, beta1.value, beta2.value)
+        with fig.batch_update():
+            for name in names:
+                path = trajectory(pick.value, name, steps, **hyper[name])
+                paths[name].x, paths[name].y = path[:, 0], path[:, 1]
+
     pick.observe(new_surface, names="value")
-    for w in (lr, adam_lr, momentum, beta1, beta2):
-        w.observe(redraw_all, names="value")
+    for w, names in uses.items():
+        w.observe(lambda _, names=names: redraw(names), names="value")
     controls = widgets.HBox([widgets.VBox([pick, lr, adam_lr]), widgets.VBox([momentum, beta1, beta2])])
     return widgets.VBox([controls, fig])
 

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 from plotly.subplots import make_subplots
+
+from .figures import _colour
 
 
 def _results(source) -> list[dict]:
     return source.results if hasattr(source, "results") else source
-
-
-def _colour(i: int) -> str:
-    return qualitative.Plotly[i % len(qualitative.Plotly)]
 
 
 def worker_steps(source) -> pd.DataFrame:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-SOLVED = 195.0  # CartPole-v1's classic bar: this average return over 100 consecutive episodes
+from ..rl import SOLVED, WINDOW
+from .figures import _colour
 
 
 def learner_result(source) -> dict:
@@ -32,7 +32,7 @@ def summary(runs: dict) -> pd.DataFrame:
     rows = []
     for name, source in runs.items():
         r, eps = learner_result(source), episodes(source)
-        rolling = eps["ret"].rolling(100).mean()
+        rolling = eps["ret"].rolling(WINDOW).mean()
         solved = eps["env_steps"][rolling >= SOLVED]
         rows.append({"run": name, "engine": r["engine"], "mode": r["mode"], "actors": r["actors"],
                      "env_steps": r["env_steps"], "seconds": round(r["seconds"], 2),
@@ -41,10 +41,6 @@ def summary(runs: dict) -> pd.DataFrame:
                      "solved_at_step": int(solved.iloc[0]) if len(solved) else None,
                      "max_staleness": int(eps["staleness"].max())})
     return pd.DataFrame(rows).set_index("run")
-
-
-def _colour(i: int) -> str:
-    return qualitative.Plotly[i % len(qualitative.Plotly)]
 
 
 def returns_figure(runs: dict, smooth: int = 20,
