@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 import distlab as dl
-from distlab import compare
+from distlab.architectures import compare
 
 COLUMNS = ["wall_s", "samples", "updates", "syncs", "bytes_total", "bytes_busiest", "accuracy", "drift", "staleness"]
 

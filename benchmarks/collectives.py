@@ -1,4 +1,4 @@
-"""Bus bandwidth of the hand-written all-reduces (distlab/collectives.py) beside gloo's dist.all_reduce.
+"""Bus bandwidth of the hand-written all-reduces (distlab/communication/collectives.py) beside gloo's dist.all_reduce.
 
     python benchmarks/collectives.py            # world sizes 2 and 4, 4 KB ... 64 MB (about a minute)
     python benchmarks/collectives.py --quick    # 4 KB ... 16 MB, fewer calls (about 30 s)
@@ -18,7 +18,7 @@ import platform
 import torch
 
 import distlab as dl
-from distlab.collectives import time_all_reduces
+from distlab.communication.collectives import time_all_reduces
 
 ALGORITHMS = ("naive", "ring", "recursive_doubling", "gloo")
 

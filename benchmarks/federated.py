@@ -19,9 +19,9 @@ import time
 import torch
 
 import distlab as dl
-from distlab.architectures import federated_data as fd
-from distlab.architectures.federated_ranks import train_federated
-from distlab.architectures.federated_sim import Config, largest_difference, simulate
+from distlab.architectures.federated import partition as fd
+from distlab.architectures.federated.processes import train_federated
+from distlab.architectures.federated.simulation import Config, largest_difference, simulate
 
 
 def timed(fn):

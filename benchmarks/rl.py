@@ -19,7 +19,8 @@ import numpy as np
 import ray
 
 import distlab as dl
-from distlab import rl, rl_ray
+from distlab.rl import actor_learner as rl
+from distlab.rl import on_ray as rl_ray
 
 
 def row(design: str, engine: str, actors: int | str, rate: float, per_step: float, ret: str = "") -> str:

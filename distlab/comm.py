@@ -3,8 +3,8 @@
 `Comm` wraps the torch.distributed calls a training function uses; `ddp_comm_hook` does the same for
 DistributedDataParallel's gradient all-reduce. Records go to the rank's telemetry (see telemetry.py),
 tagged "train" (the algorithm's own traffic) or "telemetry" (what watching it costs). `Events` logs
-every send/recv of a hand-written collective (collectives.py) for the cost table and the replay; the
-alpha-beta model at the end gives the bytes each algorithm must send and fits latency and bandwidth.
+every send/recv of a hand-written collective (communication/collectives.py) for the cost table and the
+replay; communication/cost.py says what each algorithm should have sent.
 """
 
 from __future__ import annotations
@@ -20,12 +20,6 @@ Record = Callable[[str, int, float, str], None]  # (op, payload bytes, seconds, 
 
 def nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def ring_allreduce_bytes(payload: int, world_size: int) -> float:
-    """Bytes each rank sends in a ring all-reduce of `payload` bytes: 2(N-1)/N * S (the model;
-    `sent_bytes` counts the exact chunks)."""
-    return 2 * (world_size - 1) / world_size * payload
 
 
 class Comm:
@@ -81,7 +75,7 @@ class Comm:
         self._timed("barrier", None, dist.barrier, tag)
 
     def events(self, name: str = "p2p", tag: str = "train") -> Events:
-        """A log for a hand-written collective (collectives.py) whose transfers also count here, as
+        """A log for a hand-written collective (communication/collectives.py) whose transfers also count here, as
         ops "<name> send" and "<name> recv"."""
         return Events(dist.get_rank(), self._record, name, tag)
 
@@ -124,7 +118,7 @@ def ddp_comm_hook(record: Record):
 class Events:
     """A log of one rank's sends and receives: peer, chunk, step, phase, start/end times, bytes.
 
-    Collectives written from send/recv (collectives.py) add a row per transfer; `forward` (see
+    Collectives written from send/recv (communication/collectives.py) add a row per transfer; `forward` (see
     `Comm.events`) also counts each one in the run's comm table as op "<name> send" / "<name> recv".
     """
 
@@ -138,71 +132,3 @@ class Events:
         self.rows.append({"rank": self.rank, "kind": kind, "src": src, "dst": dst, "chunk": chunk,
                           "step": step, "phase": phase, "t_start": t_start, "t_end": t_end, "bytes": payload})
         self._forward(f"{self._name} {kind}", payload, t_end - t_start, self._tag)
-
-
-# -- the alpha-beta (latency-bandwidth) cost model (Hockney 1994; Thakur, Rabenseifner & Gropp 2005) --
-
-ALGORITHMS = ("naive", "ring", "recursive_doubling")
-
-
-def _check_algorithm(algorithm: str) -> None:
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-
-
-def chunk_sizes(numel: int, parts: int) -> list[int]:
-    """Element counts of torch.tensor_split(numel elements, parts): the first numel % parts get one more."""
-    return [numel // parts + (i < numel % parts) for i in range(parts)]
-
-
-def sent_bytes(algorithm: str, numel: int, element_size: int, world_size: int, rank: int) -> int:
-    """Bytes one rank sends in an all-reduce of numel elements, counted from the algorithm's schedule.
-
-    ring: every chunk but two, twice around: 2(N-1)/N·S when N divides the size; naive: (N-1)·S at
-    the root, S elsewhere; recursive doubling: S per round, plus folding in the ranks past a power of 2.
-    """
-    _check_algorithm(algorithm)
-    n, size = int(world_size), int(numel) * element_size
-    if n == 1:
-        return 0
-    if algorithm == "ring":
-        chunks = chunk_sizes(numel, n)
-        return (2 * numel - chunks[(rank + 1) % n] - chunks[(rank + 2) % n]) * element_size
-    if algorithm == "naive":
-        return (n - 1) * size if rank == 0 else size
-    power = 1 << (n.bit_length() - 1)
-    if rank >= power:
-        return size  # folded in: sends its vector once, receives the result
-    rounds = power.bit_length() - 1
-    return (rounds + (rank < n - power)) * size
-
-
-def message_rounds(algorithm: str, world_size: int) -> int:
-    """Messages on the critical path of one all-reduce: what the latency term alpha is paid for."""
-    _check_algorithm(algorithm)
-    n = int(world_size)
-    power = 1 << (n.bit_length() - 1)
-    return {"ring": 2 * (n - 1), "naive": 2 * (n - 1),
-            "recursive_doubling": power.bit_length() - 1 + 2 * (n > power)}[algorithm]
-
-
-def critical_bytes(algorithm: str, numel: int, element_size: int, world_size: int) -> int:
-    """Bytes on the critical path: the busiest rank's sends (what the bandwidth term beta is paid for)."""
-    return max(sent_bytes(algorithm, numel, element_size, world_size, r) for r in range(world_size))
-
-
-def fit_alpha_beta(rounds: list[int], nbytes: list[int], seconds: list[float]) -> tuple[float, float]:
-    """Least-squares alpha (s per message) and beta (s per byte) of t = alpha·rounds + beta·bytes.
-
-    Each row is weighted by 1/t, so small messages count as much as large ones (relative error).
-    """
-    import numpy as np
-
-    t = np.asarray(seconds, dtype=float)
-    design = np.column_stack([rounds, nbytes]).astype(float) / t[:, None]
-    (alpha, beta), *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
-    return float(alpha), float(beta)
-
-
-def predict_seconds(alpha: float, beta: float, rounds: int, nbytes: int) -> float:
-    return alpha * rounds + beta * nbytes

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 import distlab as dl
-from distlab import collectives
+from distlab.communication import collectives
 
 SHAPES = [(7,), (3, 5), (2, 3, 4), (1,)]  # sizes 7, 15, 24, 1: not all divisible by 2, 3 or 4
 

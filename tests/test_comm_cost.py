@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import distlab as dl
-from distlab import collectives, comm
+from distlab.communication import collectives, cost
 
 NUMELS = (4096, 1001)  # divisible by 2 and 4, and not divisible by 3 or 4
 
@@ -33,7 +33,7 @@ def test_measured_bytes_per_rank_equal_the_analytic_count(counted, algorithm, nu
     comm_table, name = counted.comm, f"{algorithm}/{numel}"
     sends, recvs = (comm_table[comm_table["op"] == f"{name} {kind}"] for kind in ("send", "recv"))
     measured = sends.groupby("rank")["bytes"].sum().reindex(range(n), fill_value=0)
-    assert measured.tolist() == [comm.sent_bytes(algorithm, numel, 4, n, r) for r in range(n)]
+    assert measured.tolist() == [cost.sent_bytes(algorithm, numel, 4, n, r) for r in range(n)]
     assert sends["bytes"].sum() == recvs["bytes"].sum()  # every byte sent is received
     assert set(comm_table["tag"]) == {"train"}  # the algorithm's own traffic, not telemetry overhead
 
@@ -41,10 +41,10 @@ def test_measured_bytes_per_rank_equal_the_analytic_count(counted, algorithm, nu
 def test_analytic_counts_are_the_textbook_formulas_when_n_divides_the_size():
     size = 4 * 4096
     for n in (2, 4, 8):
-        assert {comm.sent_bytes("ring", 4096, 4, n, r) for r in range(n)} == {2 * (n - 1) * size // n}
-        assert comm.sent_bytes("naive", 4096, 4, n, 0) == (n - 1) * size
-        assert comm.sent_bytes("recursive_doubling", 4096, 4, n, 1) == (n.bit_length() - 1) * size
-    assert comm.chunk_sizes(1001, 4) == [len(c) for c in torch.arange(1001).tensor_split(4)]
+        assert {cost.sent_bytes("ring", 4096, 4, n, r) for r in range(n)} == {2 * (n - 1) * size // n}
+        assert cost.sent_bytes("naive", 4096, 4, n, 0) == (n - 1) * size
+        assert cost.sent_bytes("recursive_doubling", 4096, 4, n, 1) == (n.bit_length() - 1) * size
+    assert cost.chunk_sizes(1001, 4) == [len(c) for c in torch.arange(1001).tensor_split(4)]
 
 
 def test_metrics_rows_carry_the_recorded_bytes(counted):
@@ -71,11 +71,11 @@ def test_alpha_beta_fit_recovers_the_parameters_of_its_model():
     rounds = [6] * len(sizes)
     noise = torch.Generator().manual_seed(0)
     seconds = [(alpha * 6 + beta * s) * (1 + 0.02 * torch.randn(1, generator=noise).item()) for s in sizes]
-    fit_alpha, fit_beta = comm.fit_alpha_beta(rounds, sizes, seconds)
+    fit_alpha, fit_beta = cost.fit_alpha_beta(rounds, sizes, seconds)
     assert fit_alpha == pytest.approx(alpha, rel=0.05) and fit_beta == pytest.approx(beta, rel=0.05)
-    assert comm.predict_seconds(fit_alpha, fit_beta, 6, 2**20) == pytest.approx(alpha * 6 + beta * 2**20, rel=0.05)
+    assert cost.predict_seconds(fit_alpha, fit_beta, 6, 2**20) == pytest.approx(alpha * 6 + beta * 2**20, rel=0.05)
 
 
 def test_unknown_algorithm_is_refused():
     with pytest.raises(ValueError, match="algorithm must be one of"):
-        comm.sent_bytes("tree", 10, 4, 4, 0)
+        cost.sent_bytes("tree", 10, 4, 4, 0)

@@ -6,9 +6,9 @@ import math
 import pytest
 
 import distlab as dl
-from distlab import compare
-from distlab.comm import ring_allreduce_bytes
-from distlab.viz import compare as cviz
+from distlab.architectures import compare
+from distlab.communication.cost import ring_allreduce_bytes
+from distlab.viz import architectures as cviz
 
 PAYLOAD = compare.PAYLOAD  # 2,410 float32 parameters
 EXAMPLES = 1438  # digits training examples (1,797 minus 359 held out)

@@ -7,8 +7,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distlab as dl
-from distlab import compression
-from distlab.compression import TopK
+from distlab.communication import compression
+from distlab.communication.compression import TopK
 
 PARAMS = 64 * 64 + 64 + 64 * 10 + 10  # dl.models.mlp(64, 64, 10)
 

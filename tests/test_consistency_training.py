@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 import distlab as dl
-from distlab import consistency
+from distlab.architectures import staleness as consistency
 
 STRAGGLER = {"slow_rank": 3, "delay": 0.03}  # worker 3 sleeps 30 ms per step; workers 1 and 2 do not
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import distlab as dl
-from distlab import distributed_optim as do
-from distlab.optim import SGD
+from distlab.optim import distributed as do
+from distlab.optim.rules import SGD
 
 MLP_PARAMS = 64 * 64 + 64 + 64 * 10 + 10  # the digits MLP 64-64-10 of the rank functions
 ZERO_SIZES = (64, 64, 64, 64, 10)

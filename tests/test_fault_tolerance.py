@@ -11,10 +11,11 @@ import torch
 
 import distlab as dl
 from conftest import rank_processes
-from distlab import multinode, resilience
-from distlab.checkpoint import Checkpointer, checkpoint_path, latest_complete_step
-from distlab.faults import FaultControl, Faults
-from distlab.viz.faults import chaos_panel
+from distlab import multinode
+from distlab.resilience import training as resilience
+from distlab.resilience.checkpoint import Checkpointer, checkpoint_path, latest_complete_step
+from distlab.resilience.faults import FaultControl, Faults
+from distlab.viz.resilience import chaos_panel
 
 
 def _max_diff(a: dl.Run, b: dl.Run) -> float:
@@ -108,7 +109,7 @@ def test_the_chaos_panel_sends_orders():
 
 @pytest.mark.timeout(300)
 def test_two_torchrun_nodes_compute_what_one_launch_computes(tmp_path):
-    nodes = multinode.run_local_nodes("distlab.resilience:train", nnodes=2, nproc_per_node=2, steps=12,
+    nodes = multinode.run_local_nodes("distlab.resilience.training:train", nnodes=2, nproc_per_node=2, steps=12,
                                       runs_root=tmp_path / "nodes", timeout=240)
     assert nodes.config["launcher"] == "torchrun" and len(nodes.results) == 4
     one_launch = dl.launch(resilience.train, 4, steps=12, timeout=120)
@@ -118,7 +119,7 @@ def test_two_torchrun_nodes_compute_what_one_launch_computes(tmp_path):
 @pytest.mark.timeout(300)
 def test_torchrun_restarts_after_a_kill_and_resumes_from_the_checkpoint(tmp_path):
     resumed = multinode.run_local_nodes(
-        "distlab.resilience:train", nnodes=1, nproc_per_node=2, max_restarts=1, steps=20, checkpoint_every=5,
+        "distlab.resilience.training:train", nnodes=1, nproc_per_node=2, max_restarts=1, steps=20, checkpoint_every=5,
         checkpoint_dir=str(tmp_path / "checkpoints"), faults={"kill_at": {1: 12}}, runs_root=tmp_path / "runs",
         timeout=240)
     assert [r["resumed_from"] for r in resumed.results] == [10, 10]

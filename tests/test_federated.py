@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.stats import trim_mean
 
-from distlab.architectures import federated_data as fd
-from distlab.architectures.federated import (
+from distlab.architectures.federated import partition as fd
+from distlab.architectures.federated.aggregation import (
     ServerOptimizer,
     aggregate,
     fedavg,

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from distlab.architectures import federated_data as fd
-from distlab.architectures.federated_privacy import SecureAggregation, clip_update, epsilon
-from distlab.architectures.federated_sim import Config, largest_difference, simulate
+from distlab.architectures.federated import partition as fd
+from distlab.architectures.federated.privacy import SecureAggregation, clip_update, epsilon
+from distlab.architectures.federated.simulation import Config, largest_difference, simulate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import distlab as dl
-from distlab.architectures import federated_data as fd
-from distlab.architectures.federated_ranks import train_federated
-from distlab.architectures.federated_sim import (
+from distlab.architectures.federated import partition as fd
+from distlab.architectures.federated.processes import train_federated
+from distlab.architectures.federated.simulation import (
     Config,
     attackers_of,
     autograd_gradients,

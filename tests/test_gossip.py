@@ -6,7 +6,8 @@ import torch
 from torch.nn.utils import parameters_to_vector
 
 import distlab as dl
-from distlab.architectures import gossip, hybrid
+from distlab.architectures import coordinated as hybrid
+from distlab.architectures import gossip
 from distlab.architectures import topology as topo
 
 PARAMS = 64 * 32 + 32 + 32 * 10 + 10  # dl.models.mlp(64, 32, 10)

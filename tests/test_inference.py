@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import distlab as dl
-from distlab import gpt, inference
+from distlab import gpt
+from distlab.parallel import inference
 from distlab.parallel import tensor as tp
 
 N = 24

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import distlab as dl
-from distlab import optim
+from distlab.optim import rules as optim
 from distlab.viz import optim as viz
 
 STEPS = 200

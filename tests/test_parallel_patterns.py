@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import distlab as dl
-from distlab.parallel.data import (
+from distlab.parallel.data_parallel import (
     AVERAGING,
     SIZES,
     Spans,
@@ -16,8 +16,8 @@ from distlab.parallel.data import (
     train_data_parallel,
     train_single_process,
 )
-from distlab.parallel.hybrid import GRIDS, train_hybrid
-from distlab.parallel.model import split_layers, train_model_parallel
+from distlab.parallel.grid import GRIDS, train_hybrid
+from distlab.parallel.model_parallel import split_layers, train_model_parallel
 from distlab.viz.timeline import bytes_figure, bytes_per_step, timeline_figure
 
 STEPS = 8

@@ -120,7 +120,7 @@ def test_bad_options_are_refused_with_what_is_allowed(options, words):
 
 def test_figures_read_the_records_in_time_order():
     """Two workers, synthetic records: iteration = minibatches so far / workers; counts add up."""
-    from distlab.viz import parameter_server as psviz
+    from distlab.viz import architectures as psviz
 
     def worker(rank, times):
         steps = {"step": list(range(len(times))), "t": times, "loss": [1.0] * len(times),

@@ -5,7 +5,7 @@ from collections import defaultdict
 import pytest
 
 import distlab as dl
-from distlab import pubsub
+from distlab.communication import pubsub
 
 MESSAGES = 150
 

@@ -3,7 +3,7 @@
 import pytest
 
 import distlab as dl
-from distlab.history import (
+from distlab.consistency.checker import (
     convergence_problems,
     convergence_time,
     linearizability_violations,
@@ -11,7 +11,7 @@ from distlab.history import (
     stale_reads,
     summarize,
 )
-from distlab.replicated_store import INITIAL, History, Op, Store, run_workload
+from distlab.consistency.store import INITIAL, History, Op, Store, run_workload
 
 WORLD = 4
 

@@ -9,7 +9,8 @@ import ray
 import torch
 
 import distlab as dl
-from distlab import rl, rl_ray
+from distlab.rl import actor_learner as rl
+from distlab.rl import on_ray as rl_ray
 from distlab.viz import rl as rlviz
 
 

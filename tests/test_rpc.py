@@ -3,7 +3,7 @@
 import pytest
 
 import distlab as dl
-from distlab import rpc
+from distlab.communication import rpc
 
 pytestmark = pytest.mark.skipif(not rpc.available(), reason="this torch build has no torch.distributed.rpc")
 

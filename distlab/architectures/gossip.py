@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .. import data, models
-from ..comm import ring_allreduce_bytes
+from ..communication.cost import ring_allreduce_bytes
 from . import topology as topo
 
 ALGORITHMS = ("dpsgd", "pairwise", "allreduce")

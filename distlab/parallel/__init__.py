@@ -1,1 +1,2 @@
-"""Parallelism patterns, one file each: data.py, model.py, hybrid.py (and pipeline.py, tensor.py)."""
+"""Parallelism patterns (notebooks 01, 08, 09), one file each: data_parallel, model_parallel, grid (data x model),
+pipeline, tensor, mesh (DeviceMesh groups), inference."""

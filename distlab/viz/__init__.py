@@ -1,4 +1,5 @@
-"""Figures (plotly) and live dashboards (ipywidgets) of runs. Imported by notebooks, never by ranks."""
+"""Figures (plotly) and live dashboards (ipywidgets) of runs, one module per course topic. Imported by
+notebooks, never by ranks."""
 
 from .figures import training_figure
 from .live import Dashboard

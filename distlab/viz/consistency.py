@@ -6,9 +6,10 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from ..history import stale_reads
-from ..replicated_store import History
-from .parameter_server import loss_figure
+from distlab.consistency.checker import stale_reads
+from distlab.consistency.store import History
+
+from .architectures import loss_figure
 
 MODE_COLOURS = {"strong": qualitative.Plotly[0], "weak": qualitative.Plotly[1], "eventual": qualitative.Plotly[2]}
 KIND_COLOURS = {"read": "#636efa", "write": "#ef553b", "reply": "#b6b6b6", "replicate": "#ab63fa",
@@ -97,5 +98,5 @@ def sweep_figure(rows: list[dict], x: str, x_label: str) -> go.Figure:
 
 def training_figure(runs: dict[str, list[dict]], smooth: int = 5) -> go.Figure:
     """Loss against iteration and against wall time, one line per staleness bound (runs: label -> the
-    results of distlab.consistency.train); the loss is a rolling mean over `smooth` iterations."""
+    results of distlab.architectures.staleness.train); the loss is a rolling mean over `smooth` iterations."""
     return loss_figure(runs, smooth, title="BSP, SSP and ASP with a straggler")

@@ -10,8 +10,8 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
-from distlab.architectures.federated_data import Federation
-from distlab.architectures.federated_sim import Config, FederatedRun, simulate
+from distlab.architectures.federated.partition import Federation
+from distlab.architectures.federated.simulation import Config, FederatedRun, simulate
 
 
 def simulate_all(runs: dict[str, tuple[Federation, Config]], engine: str = "vectorized") -> dict[str, FederatedRun]:

@@ -14,7 +14,7 @@ import torch
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from ..optim import MomentumSGD, make
+from distlab.optim.rules import MomentumSGD, make
 
 COLOURS = {"sgd": qualitative.Plotly[0], "momentum": qualitative.Plotly[1], "adam": qualitative.Plotly[2]}
 NAMES = {"sgd": "SGD", "momentum": "momentum SGD", "adam": "Adam"}

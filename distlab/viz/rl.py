@@ -1,4 +1,4 @@
-"""Figures of distributed RL runs (rl.py, rl_ray.py): return against wall time and environment steps,
+"""Figures of distributed RL runs (rl/actor_learner.py, rl/on_ray.py): return against wall time and environment steps,
 environment steps per second against actors, and how stale the trajectories were.
 
 Every function takes learner results (the dict rl.train_local / rl_ray.train return, or a Run from
@@ -12,7 +12,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..rl import SOLVED, WINDOW
+from distlab.rl.actor_learner import SOLVED, WINDOW
+
 from .figures import _colour
 
 

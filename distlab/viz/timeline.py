@@ -1,5 +1,5 @@
 """Per-rank timelines of compute and communication (a Gantt chart), and bytes moved per step, drawn
-from the spans each rank of distlab.parallel records (see parallel/data.py: Spans)."""
+from the spans each rank of distlab.parallel records (see parallel/data_parallel.py: Spans)."""
 
 from __future__ import annotations
 

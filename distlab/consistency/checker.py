@@ -1,4 +1,4 @@
-"""Checking a recorded history of the replicated store (distlab/replicated_store.py), Jepsen-style.
+"""Checking a recorded history of the replicated store (distlab/consistency/store.py), Jepsen-style.
 
 Every write stores a unique value and gets a version; versions of one key are totally ordered. On
 that record:
@@ -19,7 +19,7 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from .replicated_store import INITIAL, History, Op
+from .store import INITIAL, History, Op
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ The seed drives an environment actor and an agent actor from the driver, one `ra
 round trips through Ray per environment step, each far dearer than the step itself. The fix ships
 whole trajectories: N rollout actors run full episodes with the current weights (one call per
 episode, or per fragment of episodes worth at least `fragment` steps), a learner actor updates and the
-driver broadcasts its weights through the object store once per version (ray.put). rl.py holds the pieces; this file only places them in Ray actors.
+driver broadcasts its weights through the object store once per version (ray.put). actor_learner.py holds the pieces; this file only places them in Ray actors.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import ray
 import torch
 
-from .rl import Actor, Agent, History, Learner, Trajectory, check_options
+from .actor_learner import Actor, Agent, Learner, Trajectory, TrajectoryLog, check_options
 
 
 def start(num_cpus: int = 2, attempts: int = 2) -> None:
@@ -122,7 +122,7 @@ def train(actors: list, learner, mode: str = "async", seed: int = 0, max_steps: 
     check_options(mode, len(actors))
     weights = ray.get(learner.restart.remote(seed, hidden, lr))
     ray.get([a.reseed.remote(seed) for a in actors])
-    history = History(max_steps, max_seconds)
+    history = TrajectoryLog(max_steps, max_seconds)
     if mode == "sync":
         weights, version = sync_loop(actors, learner, history, weights, fragment)
     else:
@@ -130,7 +130,7 @@ def train(actors: list, learner, mode: str = "async", seed: int = 0, max_steps: 
     return history.result("ray", mode, len(actors), version, weights)
 
 
-def sync_loop(actors: list, learner, history: History, weights: torch.Tensor, fragment: int):
+def sync_loop(actors: list, learner, history: TrajectoryLog, weights: torch.Tensor, fragment: int):
     version = 0
     while True:
         shared = ray.put(weights)  # one copy in the object store, read by every actor
@@ -142,7 +142,7 @@ def sync_loop(actors: list, learner, history: History, weights: torch.Tensor, fr
             return weights, version
 
 
-def async_loop(actors: list, learner, history: History, weights: torch.Tensor, max_staleness: int, fragment: int):
+def async_loop(actors: list, learner, history: TrajectoryLog, weights: torch.Tensor, max_staleness: int, fragment: int):
     version, stop, shared = 0, False, ray.put(weights)
     in_flight = {a.rollouts.remote(shared, version, fragment): a for a in actors}
     while in_flight:

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import models
-from .comm import nbytes
-from .data import digits
-from .models import mlp
+from .. import models
+from ..comm import nbytes
+from ..data import digits
+from ..models import mlp
 
 METHODS = ("none", "fp16", "bf16", "topk", "powersgd")
 CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}

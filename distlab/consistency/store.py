@@ -13,7 +13,7 @@ Every rank holds a replica (a dict key -> (value, version)). Rank 0 is the prima
 
 Versions are tuples compared in order: (counter, 0) numbered by the primary, or (timestamp, rank).
 The workload records every operation (rank, key, value, version, invoke and complete times) and every
-version each replica applied; distlab/history.py checks that record. All ranks run on one machine
+version each replica applied; distlab/consistency/checker.py checks that record. All ranks run on one machine
 here, so their time.time() clocks are the same clock and the times of different ranks compare.
 
 Why ZeroMQ and not torch.distributed send/recv: a store is request/response between any two ranks at

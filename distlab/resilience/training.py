@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from . import data, models
+from .. import data, models
 from .checkpoint import Checkpointer
 from .faults import Faults
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch.nn.utils import parameters_to_vector as flatten
 
-from .federated import ServerOptimizer, Update
-from .federated_data import Federation
-from .federated_sim import (
+from .aggregation import ServerOptimizer, Update
+from .partition import Federation
+from .simulation import (
     Config,
     attackers_of,
     batches,

@@ -24,11 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import data
-from .architectures import federated_data, federated_ranks, federated_sim, gossip
-from .architectures import parameter_server as ps
-from .comm import ring_allreduce_bytes
-from .launch import launch
+from .. import data
+from ..communication.cost import ring_allreduce_bytes
+from ..launch import launch
+from . import gossip
+from . import parameter_server as ps
+from .federated import partition as federated_data
+from .federated import processes as federated_ranks
+from .federated import simulation as federated_sim
 
 ARCHITECTURES = ("all-reduce", "PS sync", "PS async", "gossip ring", "gossip full", "FedAvg")
 PARAMETERS = 64 * 32 + 32 + 32 * 10 + 10  # the MLP 64-32-10

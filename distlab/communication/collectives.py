@@ -2,7 +2,7 @@
 all-reduce, binomial-tree broadcast, ring all-gather.
 
 They take torch.distributed's calling convention (in place on the tensor passed, default group) and
-return it. Pass `events=ctx.comm.events()` (comm.py) to record every send and receive: who, to whom,
+return it. Pass `events=ctx.comm.events()` (distlab/comm.py) to record every send and receive: who, to whom,
 which chunk, in which step, when, how many bytes.
 """
 
@@ -14,7 +14,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from .comm import Events, nbytes
+from ..comm import Events, nbytes
 
 REDUCE = {
     dist.ReduceOp.SUM: torch.Tensor.add_,

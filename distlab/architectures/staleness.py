@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from .architectures import parameter_server
+from . import parameter_server
 
 
 def train(ctx, staleness: float = 0, **options) -> dict:

@@ -9,21 +9,21 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .. import comm
+from ..communication import cost
 from .figures import _colour
 
 
 def bytes_table(run, numel: int, element_size: int = 4) -> pd.DataFrame:
     """Bytes each rank sent per algorithm (recorded with ctx.comm.events(algorithm)) beside the count
-    from the algorithm's schedule (comm.sent_bytes)."""
+    from the algorithm's schedule (cost.sent_bytes)."""
     n = run.comm["rank"].nunique()
     rows = []
-    for algorithm in comm.ALGORITHMS:
+    for algorithm in cost.ALGORITHMS:
         sends = run.comm[run.comm["op"] == f"{algorithm} send"]
         measured = sends.groupby("rank")["bytes"].sum()
         for rank in range(n):
             rows.append({"algorithm": algorithm, "rank": rank, "measured": int(measured.get(rank, 0)),
-                         "analytic": comm.sent_bytes(algorithm, numel, element_size, n, rank)})
+                         "analytic": cost.sent_bytes(algorithm, numel, element_size, n, rank)})
     table = pd.DataFrame(rows)
     table["equal"] = table["measured"] == table["analytic"]
     return table
@@ -41,8 +41,8 @@ def fit_table(rows: list[dict]) -> pd.DataFrame:
     for (n, algorithm), part in frame.groupby(["world_size", "algorithm"], sort=False):
         model = _model_of(algorithm)
         numels = (part["bytes"] // 4).tolist()
-        nbytes = [comm.critical_bytes(model, k, 4, n) for k in numels]
-        alpha, beta = comm.fit_alpha_beta([comm.message_rounds(model, n)] * len(part), nbytes, part["seconds"].tolist())
+        nbytes = [cost.critical_bytes(model, k, 4, n) for k in numels]
+        alpha, beta = cost.fit_alpha_beta([cost.message_rounds(model, n)] * len(part), nbytes, part["seconds"].tolist())
         fits.append({"world_size": n, "algorithm": algorithm, "alpha_us": alpha * 1e6,
                      "bandwidth_GBps": (1 / beta / 1e9) if beta > 0 else math.inf, "alpha": alpha, "beta": beta})
     return pd.DataFrame(fits)
@@ -58,8 +58,8 @@ def alpha_beta_figure(rows: list[dict]) -> go.Figure:
         for i, fit in enumerate(fits[fits["world_size"] == n].itertuples()):
             part = frame[(frame["world_size"] == n) & (frame["algorithm"] == fit.algorithm)]
             model, style = _model_of(fit.algorithm), {"color": _colour(i)}
-            predicted = [comm.predict_seconds(fit.alpha, fit.beta, comm.message_rounds(model, n),
-                                              comm.critical_bytes(model, s // 4, 4, n)) for s in sizes]
+            predicted = [cost.predict_seconds(fit.alpha, fit.beta, cost.message_rounds(model, n),
+                                              cost.critical_bytes(model, s // 4, 4, n)) for s in sizes]
             fig.add_trace(go.Scatter(x=part["bytes"], y=part["seconds"], mode="markers", marker=style,
                                      name=f"{fit.algorithm} measured", legendgroup=fit.algorithm,
                                      showlegend=col == 1), row=1, col=col)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from . import data, models
-from .comm import Comm, nbytes
-from .optim import Adam, adam_update, make
+from .. import data, models
+from ..comm import Comm, nbytes
+from .rules import Adam, adam_update, make
 
 # ---------------------------------------------------------------- synchronous data parallelism
 

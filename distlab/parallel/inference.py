@@ -15,9 +15,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import gpt
-from .parallel.pipeline import stage_module
-from .parallel.tensor import GroupAllReduce, block_input, tp_block
+from .. import gpt
+from .pipeline import stage_module
+from .tensor import GroupAllReduce, block_input, tp_block
 
 
 def requests(n: int, cfg: gpt.GPTConfig | None = None, seed: int = 0) -> torch.Tensor:

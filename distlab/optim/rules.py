@@ -1,7 +1,7 @@
 """SGD, momentum SGD and Adam written from their update rules (outline §4.1), as torch optimizers.
 
 Each step reads `p.grad`. In data parallelism the gradients are first averaged across ranks,
-(1/N) Σᵢ ∇Jᵢ(θ) (see distributed_optim.py), and the same step applies the average.
+(1/N) Σᵢ ∇Jᵢ(θ) (see optim/distributed.py), and the same step applies the average.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ epochs of batch size B on its own data (plus FedProx's proximal term μ/2·‖w 
 2020); the server aggregates their updates Δ_k = w_k - w_global and steps its optimizer.
 
 Two ways to train the sampled clients, same arithmetic: `train_client` (one client after another,
-an nn.Module and torch.optim.SGD, what the client ranks of federated_ranks.py run) and
+an nn.Module and torch.optim.SGD, what the client ranks of processes.py run) and
 `train_clients_vectorized` (all sampled clients at once: their parameters stacked along a client
 dimension, one forward and one backward for all). Its gradients are either written out as batched
 matrix products (`stacked_mlp_gradients`, the fast one) or taken by autograd through any model run by
@@ -25,9 +25,9 @@ from torch.func import functional_call, vmap
 
 from distlab.models import mlp
 
-from .federated import AGGREGATORS, ServerOptimizer, Update, aggregate
-from .federated_data import Federation
-from .federated_privacy import SecureAggregation, clip_update, gaussian_noise
+from .aggregation import AGGREGATORS, ServerOptimizer, Update, aggregate
+from .partition import Federation
+from .privacy import SecureAggregation, clip_update, gaussian_noise
 
 ATTACKS = ("sign_flip", "scaled", "label_flip")
 

@@ -2,8 +2,8 @@
 
 Every aggregator takes `results`, a list of `(update, num_examples)` pairs where an update is a list
 of tensors (or arrays), and returns the aggregate in the same form. The rest of federated learning
-lives beside this file: federated_data.py (who holds which data), federated_sim.py (one process,
-many clients), federated_ranks.py (a server rank and client ranks), federated_privacy.py.
+lives beside this file: partition.py (who holds which data), simulation.py (one process,
+many clients), processes.py (a server rank and client ranks), privacy.py.
 """
 
 from __future__ import annotations

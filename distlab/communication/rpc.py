@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import rpc
 
-from .ranks import free_port
+from ..ranks import free_port
 
 
 def available() -> bool:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipywidgets as widgets
 from plotly.subplots import make_subplots
 
-from ..faults import FaultControl
+from distlab.resilience.faults import FaultControl
+
 from .figures import _colour
 
 

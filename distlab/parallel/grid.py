@@ -17,9 +17,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models import mlp
-from .data import SIZES, Spans, average_bucket, digits_train, shard_batches, timed_allreduce_hook
+from .data_parallel import SIZES, Spans, average_bucket, digits_train, shard_batches, timed_allreduce_hook
 from .mesh import device_mesh
-from .model import split_layers, train_stage
+from .model_parallel import split_layers, train_stage
 
 GRIDS = ("new_group", "device_mesh")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .federated import Update
+from .aggregation import Update
 
 
 def _pair_generator(seed: int, i: int, j: int) -> torch.Generator:

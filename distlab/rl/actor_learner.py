@@ -7,7 +7,7 @@ Monte-Carlo returns) and sends the new weights back. Every trajectory carries th
 collected with; the learner's version minus that is its staleness.
 
 Three engines share the pieces below: `train_local` (one process), `train` (torch.distributed ranks via
-dl.launch: rank 0 learns, ranks 1.. act) and rl_ray.py (Ray actors).
+dl.launch: rank 0 learns, ranks 1.. act) and on_ray.py (Ray actors).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ class Learner:
 
 # -- the record every engine keeps: one row per trajectory the learner received ---------------------------
 
-class History:
+class TrajectoryLog:
     """Per trajectory: when it arrived, who collected it, its policy version, the learner's, the return."""
 
     COLUMNS = ("t", "actor", "version", "learner_version", "staleness", "ret", "env_steps", "used")
@@ -240,7 +240,7 @@ def train_local(actors: int = 1, seed: int = 0, max_steps: int = 20_000, max_sec
     It computes exactly what the synchronous actor–learner split computes (same seeds, same batches).
     """
     check_options("sync", actors)
-    learner, history = Learner(seed, hidden, lr), History(max_steps, max_seconds)
+    learner, history = Learner(seed, hidden, lr), TrajectoryLog(max_steps, max_seconds)
     workers = [Actor(k, seed, hidden) for k in range(actors)]
     while not history.done():
         weights = learner.weights()
@@ -271,7 +271,7 @@ def train(ctx, mode: str = "sync", seed: int = 0, max_steps: int = 20_000, max_s
     torch.set_num_threads(1)
     size = get_weights(Policy(hidden)).numel()
     if ctx.rank == 0:
-        learner, history = Learner(seed, hidden, lr), History(max_steps, max_seconds)
+        learner, history = Learner(seed, hidden, lr), TrajectoryLog(max_steps, max_seconds)
         if mode == "sync":
             sync_learner(ctx, learner, history)
         else:
@@ -302,12 +302,12 @@ def recv_trajectory(ctx, src: int | None = None) -> tuple[int, Trajectory]:
     return sender, Trajectory.from_tensor(msg)
 
 
-def log_episode(ctx, history: History) -> None:
+def log_episode(ctx, history: TrajectoryLog) -> None:
     ctx.log(step=len(history.rows["ret"]), episode_return=history.rows["ret"][-1],
             staleness=history.rows["staleness"][-1], env_steps=history.env_steps)
 
 
-def sync_learner(ctx, learner: Learner, history: History) -> None:
+def sync_learner(ctx, learner: Learner, history: TrajectoryLog) -> None:
     ctx.comm.broadcast(weights_message(learner, stop=False), src=0)
     while True:
         batch = [recv_trajectory(ctx, src)[1] for src in range(1, ctx.world_size)]
@@ -321,7 +321,7 @@ def sync_learner(ctx, learner: Learner, history: History) -> None:
             return
 
 
-def async_learner(ctx, learner: Learner, history: History, max_staleness: int) -> None:
+def async_learner(ctx, learner: Learner, history: TrajectoryLog, max_staleness: int) -> None:
     for actor in range(1, ctx.world_size):
         ctx.comm.send(weights_message(learner, stop=False), dst=actor)
     running, stop = ctx.world_size - 1, False

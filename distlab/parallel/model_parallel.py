@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import mlp
-from .data import SIZES, Spans, digits_train, flat, shard_batches
+from .data_parallel import SIZES, Spans, digits_train, flat, shard_batches
 
 
 def split_layers(model: nn.Sequential, stages: int) -> list[nn.Sequential]:
@@ -63,7 +63,7 @@ def pipeline_step(stage: nn.Module, width: int, x: torch.Tensor, y: torch.Tensor
 def train_stage(ctx, stage: nn.Module, width: int, data: Iterator, before: int | None, after: int | None,
                 steps: int, lr: float, spans: Spans, average: Callable[[], None] | None = None) -> dict:
     """SGD on one stage: pipeline_step on each batch of `data`, then `average` (when given: averages the
-    gradients over replicas, hybrid.py). Returns this stage's losses (last stage only), first-step
+    gradients over replicas, grid.py). Returns this stage's losses (last stage only), first-step
     gradients, final parameters and timeline spans."""
     params = list(stage.parameters())
     optimizer = torch.optim.SGD(params, lr=lr)

@@ -1,0 +1,1 @@
+"""Fault tolerance (notebook 11): checkpoints, injected faults, stragglers, the resilient training loop."""

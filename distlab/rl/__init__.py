@@ -1,0 +1,1 @@
+"""Distributed reinforcement learning (notebook 10): the actor-learner split on ranks and on Ray."""
