@@ -63,7 +63,8 @@ def verdict(rows: list[dict]) -> str:
         return "no size >= 16 MB measured"
     worst = min(ratios, key=ratios.get)
     met = "met" if ratios[worst] >= 0.8 else "NOT met"
-    return f"target ring >= 0.8x gloo at >= 16 MB: {met} (lowest {ratios[worst]:.2f}x at {worst[0]} ranks, {human(worst[1])})"
+    return (f"target ring >= 0.8x gloo at >= 16 MB: {met} "
+            f"(lowest {ratios[worst]:.2f}x at {worst[0]} ranks, {human(worst[1])})")
 
 
 def main() -> None:

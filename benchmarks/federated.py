@@ -73,7 +73,8 @@ def ranks_table() -> None:
     print("\nDigits, 12 clients, C=1, E=1, B=10, lr=0.1, 5 rounds (ranks already warm)")
     print("| engine | wall s | test accuracy |")
     print("|---|---|---|")
-    print(f"| 4 ranks: server + 3 client ranks (gloo) | {t_ranks:.2f} | {run.metrics['accuracy'].dropna().iloc[-1]:.3f} |")
+    print(f"| 4 ranks: server + 3 client ranks (gloo) | {t_ranks:.2f} "
+          f"| {run.metrics['accuracy'].dropna().iloc[-1]:.3f} |")
     print(f"| loop, one process | {t_loop:.2f} | {loop.accuracy:.3f} |")
     print(f"| vectorized, one process | {t_vec:.2f} | {vectorized.accuracy:.3f} |")
     print(f"client ranks sent {sent / 1e6:.2f} MB of updates ({sent // (12 * 5)} bytes per client per round); "

@@ -63,9 +63,11 @@ def main() -> None:
         "single process": (single_train, single),
         "single process, 1 thread": (single_train, dict(single, threads=1)),
         f"pipeline GPipe, p={args.ranks}, m={args.micro_batches}": (pp.pipeline_train, dict(
-            schedule="gpipe", micro_batches=args.micro_batches, batch_size=args.batch, steps=args.steps, lr=0.1, cfg=cfg)),
+            schedule="gpipe", micro_batches=args.micro_batches, batch_size=args.batch, steps=args.steps, lr=0.1,
+            cfg=cfg)),
         f"pipeline 1F1B, p={args.ranks}, m={args.micro_batches}": (pp.pipeline_train, dict(
-            schedule="1f1b", micro_batches=args.micro_batches, batch_size=args.batch, steps=args.steps, lr=0.1, cfg=cfg)),
+            schedule="1f1b", micro_batches=args.micro_batches, batch_size=args.batch, steps=args.steps, lr=0.1,
+            cfg=cfg)),
         f"tensor parallel, t={args.ranks}": (tp.data_tensor, dict(
             dp=1, tp=args.ranks, batch_size=args.batch, steps=args.steps, lr=0.1, cfg=cfg)),
     }

@@ -6,5 +6,6 @@ from .launch import LaunchTimeout, RankFailure, launch, shutdown
 from .ranks import place
 from .runs import Run, load_run
 
-__all__ = ["data", "models", "Context", "LaunchTimeout", "RankFailure", "Run", "launch", "load_run", "place", "shutdown"]
+__all__ = ["data", "models", "Context", "LaunchTimeout", "RankFailure", "Run", "launch", "load_run", "place",
+           "shutdown"]
 __version__ = "0.1.0"

@@ -13,7 +13,8 @@ def all_reduce_counted(ctx):
     """Each algorithm on each size, its sends and receives counted in ctx.comm under their own op name."""
     for algorithm in collectives.ALL_REDUCES:
         for numel in NUMELS:
-            collectives.all_reduce(torch.ones(numel), algorithm=algorithm, events=ctx.comm.events(f"{algorithm}/{numel}"))
+            collectives.all_reduce(torch.ones(numel), algorithm=algorithm,
+                                   events=ctx.comm.events(f"{algorithm}/{numel}"))
     events = ctx.comm.events("replay")
     collectives.ring_all_reduce(torch.ones(10), events=events)
     ctx.log(step=0)  # the metrics row sums this rank's training traffic: sends and receives
@@ -56,7 +57,8 @@ def test_ring_replay_record_follows_the_schedule(counted):
     """Step s (0..2N-3): rank r sends chunk r-s to rank r+1, reduce-scatter first, then all-gather."""
     n = len(counted.results)
     sends = [e for rows in counted.results for e in rows if e["kind"] == "send"]
-    recvs = {(e["src"], e["dst"], e["chunk"], e["step"]) for rows in counted.results for e in rows if e["kind"] == "recv"}
+    recvs = {(e["src"], e["dst"], e["chunk"], e["step"])
+             for rows in counted.results for e in rows if e["kind"] == "recv"}
     assert len(sends) == n * 2 * (n - 1) and len(recvs) == len(sends)
     for e in sends:
         assert e["dst"] == (e["src"] + 1) % n and e["chunk"] == (e["src"] - e["step"]) % n

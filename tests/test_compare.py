@@ -149,6 +149,8 @@ def test_a_straggler_holds_back_sync_but_not_async(tmp_path):
     rows = compare.stragglers(TASK, delay=delay, timeout=120)
     sync, asynchronous = rows.loc["PS sync + straggler"], rows.loc["PS async + straggler"]
     assert sync["wall_s"] >= PLAN["worker_steps"] * delay  # every sync step waits for the sleeper
-    pushes = {r["rank"]: len(r["steps"]["step"]) for r in results(rows, "PS async + straggler") if r["role"] == "worker"}
+    pushes = {r["rank"]: len(r["steps"]["step"])
+              for r in results(rows, "PS async + straggler") if r["role"] == "worker"}
     assert pushes[3] < max(pushes[1], pushes[2])  # async: the others do the straggler's share
-    assert sync["samples"] == PLAN["worker_steps"] * 3 * 32 and sync["accuracy"] > 0.6 and asynchronous["accuracy"] > 0.6
+    assert (sync["samples"] == PLAN["worker_steps"] * 3 * 32 and sync["accuracy"] > 0.6
+            and asynchronous["accuracy"] > 0.6)

@@ -73,7 +73,8 @@ def fp16_ours_and_torchs(ctx, steps=20):
         torch.manual_seed(0)
         x, y, _, _ = dl.data.digits(ctx.rank, ctx.world_size)
         model = DDP(dl.models.mlp(64, 16, 10))
-        model.register_comm_hook(None, compression.cast_hook(torch.float16) if ours else default_hooks.fp16_compress_hook)
+        model.register_comm_hook(None,
+                                 compression.cast_hook(torch.float16) if ours else default_hooks.fp16_compress_hook)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         for step in range(steps):
             loss = F.cross_entropy(model(x[step * 16:(step + 1) * 16]), y[step * 16:(step + 1) * 16])

@@ -25,7 +25,8 @@ def test_measured_staleness_never_exceeds_the_bound_and_reaches_it_with_a_stragg
         assert max(worker["steps"]["clock_staleness"]) <= s  # what each read was told, too
     if s == 0:
         (server,) = [r for r in results if r["role"] == "server"]
-        assert set(server["updates"]["version_staleness"]) == {0}  # BSP: every gradient meets the version it was computed on
+        # BSP: every gradient meets the version it was computed on
+        assert set(server["updates"]["version_staleness"]) == {0}
 
 
 @pytest.mark.timeout(60)

@@ -102,7 +102,8 @@ def test_linear_scaling_helps_at_moderate_global_batch_and_breaks_at_a_large_one
     """Seeded runs, same epochs: at N·b = 128 η scaled ×4 (with warm-up) beats η kept; at N·b = 1024
     the scaled η (×32) ruins training."""
     def accuracy(batch, scale):
-        return dl.launch(do.train_large_batch, world_size=4, timeout=90, batch=batch, scale=scale).results[0]["accuracy"]
+        return dl.launch(do.train_large_batch, world_size=4, timeout=90, batch=batch,
+                         scale=scale).results[0]["accuracy"]
 
     moderate_scaled, moderate_kept = accuracy(32, True), accuracy(32, False)
     assert moderate_scaled > 0.85 and moderate_scaled > moderate_kept + 0.05

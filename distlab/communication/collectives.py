@@ -44,7 +44,8 @@ def _exchange(send: torch.Tensor, dst: int, recv: torch.Tensor, src: int, events
     """Send and receive at the same time (isend/irecv pair), so neither direction waits for the other."""
     start = time.time()
     sending, receiving = dist.isend(send, dst), dist.irecv(recv, src)
-    for kind, work, tensor, peer, index in (("send", sending, send, dst, chunk), ("recv", receiving, recv, src, recv_chunk)):
+    for kind, work, tensor, peer, index in (("send", sending, send, dst, chunk),
+                                            ("recv", receiving, recv, src, recv_chunk)):
         work.wait()
         if events is not None:
             events.add(kind, peer, nbytes(tensor), index, step, phase, start, time.time())
@@ -151,7 +152,8 @@ def ring_all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, events: Events |
     return _done(tensor, flat)
 
 
-def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor, events: Events | None = None) -> list[torch.Tensor]:
+def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor,
+               events: Events | None = None) -> list[torch.Tensor]:
     """Ring all-gather: tensor_list[r] gets rank r's tensor on every rank (as dist.all_gather)."""
     rank, n = dist.get_rank(), dist.get_world_size()
     if len(tensor_list) != n:
@@ -223,7 +225,8 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, algorithm: str = "rin
 
 # -- measuring: the times the alpha-beta model is fitted to (a rank function for dl.launch) ------------
 
-def time_all_reduces(ctx, sizes: list[int], algorithms: tuple[str, ...] = ("naive", "ring", "recursive_doubling", "gloo"),
+def time_all_reduces(ctx, sizes: list[int],
+                     algorithms: tuple[str, ...] = ("naive", "ring", "recursive_doubling", "gloo"),
                      repeats: int = 3) -> list[dict]:
     """Seconds of each all-reduce per message size in bytes (float32): the slowest rank's median of
     `repeats` calls, each started together after a barrier. The algorithms take turns, call by call,

@@ -4,8 +4,9 @@ tensor parallelism.
 A request is a prompt of `block_size` characters; its answer is the model's next character. Stage 0
 takes the queued requests `micro_batch` at a time and sends each micro-batch's activations on; the
 last stage answers. While stage 1 works on micro-batch j, stage 0 already computes j + 1 (pipelining,
-as in GPipe's forward half), but no further: a stage waits until its previous send was received. Bigger micro-batches use each stage better (throughput) but every
-request in one waits for the whole micro-batch (latency): the trade-off this module measures.
+as in GPipe's forward half), but no further: a stage waits until its previous send was received.
+Bigger micro-batches use each stage better (throughput) but every request in one waits for the whole
+micro-batch (latency): the trade-off this module measures.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def serve_pipelined(ctx, n_requests: int = 64, micro_batch: int = 8, stages: int
         return dict(events=[], logits=None)
     module = stage_module(gpt.gpt(cfg, seed), stage, p).to(ctx.device).eval()
     prompts = requests(n_requests, cfg, seed).to(ctx.device)
-    module(torch.randn(micro_batch, cfg.block_size, cfg.d_model, device=ctx.device) if stage else prompts[:micro_batch])  # warm-up
+    # warm-up
+    module(torch.randn(micro_batch, cfg.block_size, cfg.d_model, device=ctx.device) if stage else prompts[:micro_batch])
     events, logits, in_flight = [], [], None
     dist.barrier()
     t0 = time.perf_counter()
@@ -54,7 +56,8 @@ def serve_pipelined(ctx, n_requests: int = 64, micro_batch: int = 8, stages: int
         if stage == 0:
             x = chunk
         else:
-            x = ctx.comm.recv(torch.empty(len(chunk), cfg.block_size, cfg.d_model, device=ctx.device), stage - 1, tag="pp")
+            x = ctx.comm.recv(torch.empty(len(chunk), cfg.block_size, cfg.d_model, device=ctx.device), stage - 1,
+                              tag="pp")
         start = time.perf_counter()
         y = module(x)
         events.append(dict(stage=stage, kind="F", micro=j, start=start - t0, end=time.perf_counter() - t0))

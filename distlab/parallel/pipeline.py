@@ -93,7 +93,8 @@ def run_schedule(ctx, module: nn.Module, actions: list[Action], ranks: list[int]
     total_loss = 0.0
     for kind, i in actions:
         if kind == "F":
-            x = micro_inputs[i] if first else ctx.comm.recv(torch.empty(act_shape, device=ctx.device), ranks[stage - 1], tag="pp")
+            x = micro_inputs[i] if first else ctx.comm.recv(torch.empty(act_shape, device=ctx.device), ranks[stage - 1],
+                                                            tag="pp")
             x.requires_grad_(not first)
             start, saved = time.perf_counter(), SavedBytes(module)
             with saved.hooks():
@@ -110,7 +111,8 @@ def run_schedule(ctx, module: nn.Module, actions: list[Action], ranks: list[int]
                 # non-blocking: in 1F1B neighbours send to each other at the same moment (a blocking send deadlocks)
                 sends.append(ctx.comm.isend(y.detach(), ranks[stage + 1], tag="pp"))
         else:
-            grad = None if last else ctx.comm.recv(torch.empty(act_shape, device=ctx.device), ranks[stage + 1], tag="pp")
+            grad = None if last else ctx.comm.recv(torch.empty(act_shape, device=ctx.device), ranks[stage + 1],
+                                                   tag="pp")
             start = time.perf_counter()
             outputs.pop(i).backward(grad)
             events.append(dict(stage=stage, kind="B", micro=i, start=start - t0, end=time.perf_counter() - t0))

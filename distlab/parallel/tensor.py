@@ -176,7 +176,8 @@ def builtin_block_step(ctx, seed: int = 0) -> dict:
         out = block(x)
     with CommDebugMode() as backward:
         out.pow(2).mean().backward()
-    local = {n: (q.grad.to_local() if hasattr(q.grad, "to_local") else q.grad).cpu() for n, q in block.named_parameters()}
+    local = {n: (q.grad.to_local() if hasattr(q.grad, "to_local") else q.grad).cpu()
+             for n, q in block.named_parameters()}
     return dict(out=out.detach().cpu(), grads=local, forward_reduces=forward.get_total_counts(),
                 backward_reduces=backward.get_total_counts())
 

@@ -4,7 +4,8 @@ The seed drives an environment actor and an agent actor from the driver, one `ra
 round trips through Ray per environment step, each far dearer than the step itself. The fix ships
 whole trajectories: N rollout actors run full episodes with the current weights (one call per
 episode, or per fragment of episodes worth at least `fragment` steps), a learner actor updates and the
-driver broadcasts its weights through the object store once per version (ray.put). actor_learner.py holds the pieces; this file only places them in Ray actors.
+driver broadcasts its weights through the object store once per version (ray.put). actor_learner.py
+holds the pieces; this file only places them in Ray actors.
 """
 
 from __future__ import annotations

@@ -154,7 +154,8 @@ def _accuracy_vs(table: pd.DataFrame, column: str, scale: float, x_title: str, t
     fig = go.Figure()
     for name, row in table.iterrows():
         fig.add_trace(go.Scatter(x=[row[column] / scale], y=[row["accuracy"]], name=name, mode="markers+text",
-                                 text=[name], textposition=LABEL_POSITION.get(name, "top center"), marker={"size": 12, "color": colour(name)}))
+                                 text=[name], textposition=LABEL_POSITION.get(name, "top center"),
+                                 marker={"size": 12, "color": colour(name)}))
     fig.update_layout(title=title, xaxis={"title": x_title, "type": "log" if log else "linear"},
                       yaxis={"title": "final test accuracy",  # room for the labels above and below the points
                              "range": [table["accuracy"].min() - 0.02, table["accuracy"].max() + 0.02]}, height=380)

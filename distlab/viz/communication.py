@@ -64,7 +64,8 @@ def alpha_beta_figure(rows: list[dict]) -> go.Figure:
                                      name=f"{fit.algorithm} measured", legendgroup=fit.algorithm,
                                      showlegend=col == 1), row=1, col=col)
             fig.add_trace(go.Scatter(x=sizes, y=predicted, mode="lines", line=style, legendgroup=fit.algorithm,
-                                     name=f"{fit.algorithm} fit: α={fit.alpha_us:.0f} µs, 1/β={fit.bandwidth_GBps:.2f} GB/s",
+                                     name=f"{fit.algorithm} fit: α={fit.alpha_us:.0f} µs, "
+                                          f"1/β={fit.bandwidth_GBps:.2f} GB/s",
                                      showlegend=col == 1), row=1, col=col)
         fig.update_xaxes(type="log", title_text="message size (bytes)", row=1, col=col)
         fig.update_yaxes(type="log", title_text="seconds per all-reduce", row=1, col=col)
@@ -75,7 +76,8 @@ def alpha_beta_figure(rows: list[dict]) -> go.Figure:
 # -- the ring replay --------------------------------------------------------------------------------------
 
 def _ring_positions(n: int) -> list[tuple[float, float]]:
-    return [(math.cos(math.pi / 2 - 2 * math.pi * r / n), math.sin(math.pi / 2 - 2 * math.pi * r / n)) for r in range(n)]
+    return [(math.cos(math.pi / 2 - 2 * math.pi * r / n), math.sin(math.pi / 2 - 2 * math.pi * r / n))
+            for r in range(n)]
 
 
 def _contributions(sends: list[dict], n: int) -> list[list[list[list[int]]]]:
@@ -87,7 +89,8 @@ def _contributions(sends: list[dict], n: int) -> list[list[list[list[int]]]]:
         before = [[set(s) for s in row] for row in state]
         for e in (e for e in sends if e["step"] == step):
             held = before[e["src"]][e["chunk"]]
-            state[e["dst"]][e["chunk"]] = state[e["dst"]][e["chunk"]] | held if e["phase"] == "reduce-scatter" else set(held)
+            state[e["dst"]][e["chunk"]] = (state[e["dst"]][e["chunk"]] | held if e["phase"] == "reduce-scatter"
+                                           else set(held))
         history.append([[sorted(s) for s in row] for row in state])
     return history
 
@@ -116,7 +119,8 @@ def ring_replay(events: list[list[dict]], frames_per_step: int = 5) -> go.Figure
         return go.Scatter(x=xs, y=ys, mode="markers+text", text=[f"c{e['chunk']}" for e in moving],
                           marker={"size": 26, "color": [_colour(e["chunk"]) for e in moving]},
                           textfont={"color": "white"}, showlegend=False,
-                          hovertext=[f"rank {e['src']} → {e['dst']}: chunk {e['chunk']}, {e['bytes']} B" for e in moving])
+                          hovertext=[f"rank {e['src']} → {e['dst']}: chunk {e['chunk']}, {e['bytes']} B"
+                                     for e in moving])
 
     def held(after: int) -> go.Scatter:  # a grid of squares (a Heatmap goes blank while plotly animates)
         cells = [(r, c, len(ranks)) for r, row in enumerate(history[after]) for c, ranks in enumerate(row)]
@@ -134,21 +138,27 @@ def ring_replay(events: list[list[dict]], frames_per_step: int = 5) -> go.Figure
         start_ms = (min(e["t_start"] for e in moving) - t0) * 1e3
         end_ms = (max(e["t_end"] for e in moving) - t0) * 1e3
         title = f"step {step} · {moving[0]['phase']} · measured {start_ms:.2f}–{end_ms:.2f} ms"
-        for f in range(frames_per_step + 1):  # the chunks glide from 20% to 80% of the way; the table updates on arrival
+        # the chunks glide from 20% to 80% of the way; the table updates on arrival
+        for f in range(frames_per_step + 1):
             last = f == frames_per_step
-            frames.append(go.Frame(name=f"{step}.{f}", traces=[2, 3] if last else [2], layout={"title": {"text": title}},
-                                   data=[chunks_at(step, 0.2 + 0.6 * f / frames_per_step)] + ([held(step + 1)] if last else [])))
+            frames.append(go.Frame(name=f"{step}.{f}", traces=[2, 3] if last else [2],
+                                   layout={"title": {"text": title}},
+                                   data=[chunks_at(step, 0.2 + 0.6 * f / frames_per_step)]
+                                   + ([held(step + 1)] if last else [])))
         labels.append((str(step), f"{step}.{frames_per_step}"))
     fig.frames = frames
     play = {"frame": {"duration": 120, "redraw": True}, "transition": {"duration": 0}, "fromcurrent": True}
     fig.update_layout(
         title=f"Replay of a recorded ring all-reduce on {n} ranks: press play",
-        height=480, xaxis={"visible": False, "range": [-1.4, 1.4]}, yaxis={"visible": False, "range": [-1.4, 1.4], "scaleanchor": "x"},
+        height=480, xaxis={"visible": False, "range": [-1.4, 1.4]},
+        yaxis={"visible": False, "range": [-1.4, 1.4], "scaleanchor": "x"},
         updatemenus=[{"type": "buttons", "x": 0.0, "y": -0.05, "buttons": [
             {"label": "▶ play", "method": "animate", "args": [None, play]},
-            {"label": "❚❚ pause", "method": "animate", "args": [[None], {"mode": "immediate", "frame": {"duration": 0}}]}]}],
+            {"label": "❚❚ pause", "method": "animate",
+             "args": [[None], {"mode": "immediate", "frame": {"duration": 0}}]}]}],
         sliders=[{"currentvalue": {"prefix": "after step "}, "y": -0.05, "x": 0.15, "len": 0.85, "steps": [
-            {"label": label, "method": "animate", "args": [[frame], {"mode": "immediate", "frame": {"duration": 0, "redraw": True}}]}
+            {"label": label, "method": "animate",
+             "args": [[frame], {"mode": "immediate", "frame": {"duration": 0, "redraw": True}}]}
             for label, frame in labels]}])
     fig.update_xaxes(title_text="chunk", tickvals=list(range(n)), range=[-0.6, n - 0.4], row=1, col=2)
     fig.update_yaxes(title_text="rank", tickvals=list(range(n)), range=[-0.6, n - 0.4], row=1, col=2)
@@ -164,7 +174,8 @@ def timeline_figure(events: list[list[dict]], title: str = "Sends and receives p
         fig.add_trace(go.Bar(base=(part["t_start"] - t0) * 1e3, x=(part["t_end"] - part["t_start"]) * 1e3,
                              y=[f"rank {r} {k}" for r, k in zip(part["rank"], part["kind"])], orientation="h",
                              name=phase, marker_color=_colour(i),
-                             hovertext=[f"chunk {c}, step {s}, {b} B" for c, s, b in zip(part["chunk"], part["step"], part["bytes"])]))
+                             hovertext=[f"chunk {c}, step {s}, {b} B"
+                                        for c, s, b in zip(part["chunk"], part["step"], part["bytes"])]))
     fig.update_layout(title=title, barmode="overlay", height=350, xaxis_title="ms since the first send",
                       yaxis_title="rank, direction", yaxis={"categoryorder": "category descending"})
     return fig
@@ -173,7 +184,8 @@ def timeline_figure(events: list[list[dict]], title: str = "Sends and receives p
 # -- compression and pub/sub -----------------------------------------------------------------------------
 
 def _label(result: dict) -> str:
-    extra = {"topk": f" {result.get('ratio', 0.01):.0%}", "powersgd": f" rank {result.get('rank', 1)}"}.get(result["method"], "")
+    extra = {"topk": f" {result.get('ratio', 0.01):.0%}",
+             "powersgd": f" rank {result.get('rank', 1)}"}.get(result["method"], "")
     feedback = "" if result.get("error_feedback", True) else " no feedback"
     return f"{result['method']}{extra}{feedback}"
 
@@ -196,7 +208,8 @@ def compression_figure(results: list[dict]) -> go.Figure:
                                  marker={"size": 12, "color": _colour(i)}))
     low, high = math.log10(min(r["bytes"] for r in results)), math.log10(max(r["bytes"] for r in results))
     fig.update_layout(title="Gradient compression: bytes sent vs accuracy reached (digits, same training)",
-                      xaxis={"type": "log", "title": "bytes sent per rank (log scale)", "range": [low - 0.4, high + 0.4]},
+                      xaxis={"type": "log", "title": "bytes sent per rank (log scale)",
+                             "range": [low - 0.4, high + 0.4]},
                       yaxis={"title": "test accuracy"}, height=450)
     return fig
 
@@ -206,7 +219,8 @@ def coupling_figure(results: list[dict]) -> go.Figure:
     ranks = [f"rank {r}" for r in range(len(results))]
     bars = [go.Bar(name=name, x=ranks, y=[r[key] for r in results], textposition="outside",
                    text=[f"{r[key] * 1e3:.2f} ms" for r in results])
-            for name, key in (("publish() (pub/sub)", "publish_seconds"), ("dist.all_reduce (collective)", "all_reduce_seconds"))]
+            for name, key in (("publish() (pub/sub)", "publish_seconds"),
+                              ("dist.all_reduce (collective)", "all_reduce_seconds"))]
     fig = go.Figure(bars)
     fig.update_layout(title="Coupling: waiting for a late rank", barmode="group", height=350,
                       xaxis_title="rank", yaxis_title="seconds in the call")

@@ -65,7 +65,8 @@ def spectral_gap_figure(sizes=(4, 8, 16, 32, 64, 128), topologies=topo.TOPOLOGIE
         gaps = [topo.spectral_gap(topo.mixing_matrix(topo.graph(t, n, seed=seed))) for n in sizes]
         fig.add_trace(go.Scatter(x=list(sizes), y=gaps, name=t, mode="lines+markers", line={"color": _colour(k)}))
     fig.update_layout(title="Spectral gap 1 − |λ₂(W)| vs number of nodes (in-process, mixing matrix alone)",
-                      xaxis={"title": "nodes N", "type": "log"}, yaxis={"title": "spectral gap (1 = one-step consensus)"},
+                      xaxis={"title": "nodes N", "type": "log"},
+                      yaxis={"title": "spectral gap (1 = one-step consensus)"},
                       height=360)
     return fig
 
@@ -86,7 +87,8 @@ def consensus_figure(runs: dict, title: str, predicted: dict[str, float] | None 
                                  line={"color": _colour(k)}))
         if predicted and name in predicted:
             at = xi.index.to_series()
-            fig.add_trace(go.Scatter(x=at, y=xi.iloc[0] * predicted[name] ** at, name=f"{name}: Ξ(0)·{predicted[name]:.3f}^t",
+            fig.add_trace(go.Scatter(x=at, y=xi.iloc[0] * predicted[name] ** at,
+                                     name=f"{name}: Ξ(0)·{predicted[name]:.3f}^t",
                                      mode="lines", line={"color": _colour(k), "dash": "dash"}))
     if mark_step is not None:
         fig.add_vline(x=mark_step, line_dash="dot", annotation_text="a node leaves")
@@ -101,7 +103,8 @@ def simulated_drift_figure(n: int = 16, steps: int = 200, lr: float = 0.1, topol
     fig = go.Figure()
     for k, t in enumerate(topologies):
         w = topo.mixing_matrix(topo.graph(t, n, seed=seed))
-        fig.add_trace(go.Scatter(y=topo.simulate_gossip(w, steps, lr=lr, seed=seed), name=t, line={"color": _colour(k)}))
+        fig.add_trace(go.Scatter(y=topo.simulate_gossip(w, steps, lr=lr, seed=seed), name=t,
+                                 line={"color": _colour(k)}))
     fig.update_layout(title=f"Drift per topology on {n} nodes (in-process: the mixing matrix and random 'gradients')",
                       xaxis_title="step", yaxis_title="consensus distance Ξ", height=360)
     return fig

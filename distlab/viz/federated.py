@@ -82,7 +82,8 @@ def robustness_figure(table: pd.DataFrame, title: str = "accuracy under attack")
     return fig
 
 
-def masks_figure(true: torch.Tensor, masked: torch.Tensor, title: str = "one client's update: true vs what the server holds") -> go.Figure:
+def masks_figure(true: torch.Tensor, masked: torch.Tensor,
+                 title: str = "one client's update: true vs what the server holds") -> go.Figure:
     """Histograms of a client's true update values and of its masked version."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=["true update (never leaves the client)",
                                                         "masked update (what the server holds)"])

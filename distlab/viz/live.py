@@ -27,7 +27,8 @@ class Dashboard:
 
     def __init__(self, every: float = 0.5, figure: bool | None = None):
         self.every = every
-        self.widget = go.FigureWidget(training_figure(_empty())) if (figure if figure is not None else _in_notebook()) else None
+        self.widget = (go.FigureWidget(training_figure(_empty()))
+                       if (figure if figure is not None else _in_notebook()) else None)
         self._bar: tqdm | None = None
         self._last = 0.0
         self._interval = every
