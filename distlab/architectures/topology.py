@@ -103,8 +103,11 @@ def slem(w: torch.Tensor) -> float:
     """Second-largest eigenvalue modulus: the factor by which gossip shrinks disagreement per step."""
     if len(w) < 2:
         return 0.0
-    moduli = torch.linalg.eigvals(w.double()).abs().sort(descending=True).values
-    return moduli[1].item()
+    w = w.double()
+    # Metropolis-Hastings weights are symmetric: eigvalsh is exact there, while the general eigvals
+    # fails to converge on some LAPACK builds for the full graph (eigenvalue 0, n - 1 times)
+    eigenvalues = torch.linalg.eigvalsh(w) if torch.equal(w, w.T) else torch.linalg.eigvals(w)
+    return eigenvalues.abs().sort(descending=True).values[1].item()
 
 
 def spectral_gap(w: torch.Tensor) -> float:
