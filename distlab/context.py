@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 
 from . import telemetry
 from .comm import Comm, ddp_comm_hook
+from .runs import write_progress
 
 
 class Context:
@@ -66,7 +66,7 @@ class Context:
     def set_total(self, steps: int) -> None:
         """Tell the progress bar how many steps to expect."""
         if self.rank == 0:
-            (self.run_dir / "progress.json").write_text(json.dumps({"total_steps": int(steps)}))
+            write_progress(self.run_dir, steps)
 
     def finish(self) -> None:
         """After the function returned on every rank: log the drift still in flight, if any."""

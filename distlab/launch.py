@@ -21,14 +21,13 @@ import time
 import types
 from collections import ChainMap
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_any
 
 import cloudpickle
 import torch
 
-from .ranks import RankPool, default_threads, place
-from .runs import Run, new_run_dir, write_config
+from .ranks import Failed, Job, PoolShape, RankPool, default_threads, place
+from .runs import Run, append_lines, new_run_dir, write_config, write_failure
 
 START_TIMEOUT = float(os.environ.get("DISTLAB_START_TIMEOUT", "300"))  # cold start: python + import torch
 FAILURE_GRACE = 0.5  # after a first failure, how long to collect other ranks' reports before choosing the root
@@ -82,20 +81,12 @@ def _discard_pool() -> None:
             _pool = None
 
 
-@dataclass
-class _Failure:
-    rank: int
-    at: float
-    details: str
-    symptom: bool  # a broken collective after a peer went away
-
-
 class _Job:
     """One launch: start or reuse ranks, send the function, gather replies, stream output, end cleanly."""
 
-    def __init__(self, run: Run, spec: tuple, payload: bytes, timeout: float | None, fresh: bool, monitor,
+    def __init__(self, run: Run, shape: PoolShape, payload: bytes, timeout: float | None, fresh: bool, monitor,
                  restarts: int = 0):
-        self.run, self.spec, self.payload = run, spec, payload
+        self.run, self.shape, self.payload = run, shape, payload
         self.timeout, self.fresh, self.monitor, self.restarts = timeout, fresh, monitor, restarts
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,7 +106,7 @@ class _Job:
                     break
                 except RankFailure as failure:
                     if attempt == self.restarts:
-                        (self.run.dir / "failure.txt").write_text(f"rank {failure.rank}\n{failure.traceback}")
+                        write_failure(self.run.dir, failure.rank, failure.traceback)
                         write_config(self.run.dir, failed_rank=failure.rank)
                         raise
                     self._note_restart(attempt, failure)
@@ -169,20 +160,21 @@ class _Job:
     def _note_restart(self, attempt: int, failure: RankFailure) -> None:
         restarts = self.run.config.get("restarts", []) + [{"attempt": attempt, "failed_rank": failure.rank}]
         write_config(self.run.dir, restarts=restarts)
-        print(f"distlab: rank {failure.rank} failed ({_headline(failure.traceback)}); restart {attempt + 1} of {self.restarts} "
-              f"on new ranks, with ctx.attempt = {attempt + 1}", file=sys.stderr, flush=True)
+        print(f"distlab: rank {failure.rank} failed ({_headline(failure.traceback)}); "
+              f"restart {attempt + 1} of {self.restarts} on new ranks, with ctx.attempt = {attempt + 1}",
+              file=sys.stderr, flush=True)
 
     def _acquire_pool(self) -> RankPool:
         global _pool
         with _lock:
-            if _pool is not None and (self.fresh or _pool.key != self.spec or not _pool.alive()):
+            if _pool is not None and (self.fresh or _pool.shape != self.shape or not _pool.alive()):
                 _pool.close()
                 _pool = None
             if _pool is not None:
                 self._pool = _pool
                 return _pool
-            print(f"distlab: starting {self.spec[0]} ranks (python + import torch)...", flush=True)
-            _pool = RankPool(*self.spec)
+            print(f"distlab: starting {self.shape.world_size} ranks (python + import torch)...", flush=True)
+            _pool = RankPool(self.shape)
             self._pool = _pool
         self._await_ready(self._pool)
         return self._pool
@@ -207,7 +199,7 @@ class _Job:
                 raise LaunchTimeout(f"ranks {sorted(pending)} did not start within {START_TIMEOUT:.0f}s", self.run)
 
     def _dispatch(self, pool: RankPool, attempt: int) -> None:
-        job = ("job", self.payload, str(self.run.dir), _interactive_sources(), attempt)
+        job = Job(self.payload, str(self.run.dir), _interactive_sources(), attempt)
         for conn in pool.commands:
             conn.send(job)
 
@@ -222,13 +214,13 @@ class _Job:
                 try:
                     reply = conn.recv()
                 except (EOFError, OSError):
-                    failures.append(_Failure(rank, time.time(), pool.exit_description(rank), False))
+                    failures.append(Failed(rank, time.time(), pool.exit_description(rank), symptom=False))
                     continue
-                if reply[0] == "failed":
-                    failures.append(_Failure(*reply[1:]))
+                if isinstance(reply, Failed):
+                    failures.append(reply)
             for rank in [r for r in pending if pool.procs[r].poll() is not None]:
                 pending.discard(rank)
-                failures.append(_Failure(rank, time.time(), pool.exit_description(rank), False))
+                failures.append(Failed(rank, time.time(), pool.exit_description(rank), symptom=False))
             self._pump(pool)
             if failures:
                 first_failure = first_failure or time.monotonic()
@@ -268,7 +260,7 @@ class _Job:
             self._ends += 1
             return
         if rank not in self._logs:
-            self._logs[rank] = open(self.run.dir / "logs" / f"rank{rank}.log", "a", buffering=1)
+            self._logs[rank] = append_lines(self.run.dir, "logs", rank)
         self._logs[rank].write(f"{line}\n")
         print(f"[rank {rank}] {line}", file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
 
@@ -381,7 +373,7 @@ def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: flo
     print(f"distlab: {world_size} rank(s) · {placement.summary} · {threads} torch thread(s) each · "
           f"run folder {run_dir}", flush=True)
     monitor = _monitor(live)
-    job = _Job(run, (world_size, placement, threads), payload, timeout, fresh, monitor, restarts)
+    job = _Job(run, PoolShape(world_size, placement, threads), payload, timeout, fresh, monitor, restarts)
     run._job = job
     _active = job
     if block:

@@ -2,7 +2,9 @@
 
 Each rank leads its own process group (so killing it kills what it started), reads commands from a
 pipe only this process holds (so it ends itself when we die), and reports on another. Its stdout and
-stderr are read line by line by threads into one queue, for the launcher to print and log.
+stderr are read line by line by threads into one queue, for the launcher to print and log. What
+travels on the two pipes is defined once, below: the launcher sends `Job` or `Exit`; a rank answers
+`Ready` once, then `Done` or `Failed` per job.
 """
 
 from __future__ import annotations
@@ -32,6 +34,59 @@ class Placement:
     backend: str
     devices: tuple[str, ...]
     summary: str
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """What makes warm ranks reusable: a launch with the same shape runs on the same processes."""
+
+    world_size: int
+    placement: Placement
+    threads: int
+
+
+# -- the pipe protocol between the launcher (launch.py) and a rank (worker.py) ---------------------------
+
+@dataclass(frozen=True)
+class Job:
+    """Launcher -> rank: run the cloudpickled (fn, kwargs) with this run folder."""
+
+    payload: bytes
+    run_dir: str
+    sources: dict[str, list[str]]  # the text of notebook cells, so tracebacks can show their lines
+    attempt: int  # 0 on the first try, n after n restarts
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Launcher -> rank: leave now."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Rank -> launcher, once: joined the process group."""
+
+    rank: int
+    pid: int
+    device: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """Rank -> launcher: the job returned and its result is saved."""
+
+    rank: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Rank -> launcher (or made by the launcher when a rank died): why this rank's job ended."""
+
+    rank: int
+    at: float  # time.time() of the failure: the earliest real one is the root cause
+    details: str  # the traceback, or how the process died
+    symptom: bool  # a broken collective after a peer went away, not a root cause
 
 
 def place(world_size: int, backend: str = "auto") -> Placement:
@@ -95,8 +150,9 @@ def _rank_environment(threads: int) -> dict:
 class RankPool:
     """N warm ranks that share one process group, with their pipes and output readers."""
 
-    def __init__(self, world_size: int, placement: Placement, threads: int):
-        self.key = (world_size, placement, threads)
+    def __init__(self, shape: PoolShape):
+        self.shape = shape
+        world_size, placement, threads = shape.world_size, shape.placement, shape.threads
         self.world_size = world_size
         self.output: queue.Queue = queue.Queue()  # (rank, stream name, line or None for JOB_END)
         self.stderr_tail = [deque(maxlen=40) for _ in range(world_size)]
@@ -153,7 +209,7 @@ class RankPool:
         """Ask the ranks to exit, kill whatever has not within `grace` seconds."""
         for conn in self.commands:
             try:
-                conn.send(("exit",))
+                conn.send(Exit())
             except OSError:
                 pass
         deadline = time.monotonic() + grace

@@ -9,7 +9,10 @@
       failure.txt            the root-cause rank and its traceback, when one failed
       progress.json          total steps, when the function said (ctx.set_total)
 
-pandas is imported only when a DataFrame is asked for: ranks never pay for it.
+This module owns the layout: every path above is made here and every file is written through a
+function here, by whichever process writes it (the launcher, or the rank itself so that nothing is
+lost when the launcher dies). pandas is imported only when a DataFrame is asked for: ranks never pay
+for it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import cloudpickle
 
 RUNS_ROOT_ENV = "DISTLAB_RUNS"
+PER_RANK = {"metrics": ".jsonl", "comm": ".jsonl", "logs": ".log", "results": ".pkl"}  # folder: suffix
 
 
 def runs_folder(root: str | os.PathLike | None = None) -> Path:
@@ -40,21 +44,48 @@ def make_run_dir(path: str | os.PathLike) -> Path:
     path = Path(path).resolve()
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
-    for sub in ("metrics", "comm", "logs", "results"):
+    for sub in PER_RANK:
         (path / sub).mkdir(exist_ok=True)
     return path
+
+
+def rank_file(run_dir: str | os.PathLike, kind: str, rank: int) -> Path:
+    """One rank's file of a kind: metrics/rank3.jsonl, comm/rank3.jsonl, logs/rank3.log, results/rank3.pkl."""
+    return Path(run_dir) / kind / f"rank{rank}{PER_RANK[kind]}"
+
+
+def append_lines(run_dir: str | os.PathLike, kind: str, rank: int):
+    """A line-buffered file to append to (metrics, comm, logs): each complete line reaches the disk at once."""
+    path = rank_file(run_dir, kind, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a", buffering=1)
 
 
 def write_config(run_dir: str | os.PathLike, **fields) -> None:
     """Create or update config.json (atomically: a reader never sees half a file)."""
     path = Path(run_dir) / "config.json"
     config = json.loads(path.read_text()) if path.exists() else {}
-    _write_json(path, {**config, **fields})
+    _write_atomically(path, json.dumps({**config, **fields}, indent=1, default=repr).encode())
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=repr))
+def write_failure(run_dir: str | os.PathLike, rank: int, details: str) -> None:
+    """failure.txt: the root-cause rank on the first line, then its traceback."""
+    _write_atomically(Path(run_dir) / "failure.txt", f"rank {rank}\n{details}".encode())
+
+
+def write_progress(run_dir: str | os.PathLike, total_steps: int) -> None:
+    """progress.json, which the progress bar reads while the ranks run."""
+    _write_atomically(Path(run_dir) / "progress.json", json.dumps({"total_steps": int(total_steps)}).encode())
+
+
+def save_result(run_dir: str | os.PathLike, rank: int, result) -> None:
+    """Written by the rank itself, so results survive the launching process."""
+    _write_atomically(rank_file(run_dir, "results", rank), cloudpickle.dumps(result))
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
     tmp.replace(path)  # atomic: a reader never sees half a file
 
 
@@ -98,7 +129,7 @@ class Run:
         if self._results is None:
             if self.status == "running":
                 raise RuntimeError("the run is still going: call run.wait() first")
-            files = [self.dir / "results" / f"rank{r}.pkl" for r in range(self.world_size)]
+            files = [rank_file(self.dir, "results", r) for r in range(self.world_size)]
             if not all(f.exists() for f in files):
                 raise RuntimeError(f"run ended '{self.status}': no results (see run.failure / run.logs())")
             self._results = [cloudpickle.loads(f.read_bytes()) for f in files]
@@ -124,7 +155,7 @@ class Run:
     def logs(self, rank: int | None = None) -> str:
         """The stdout/stderr of one rank, or of all ranks one after another."""
         ranks = range(self.world_size) if rank is None else [rank]
-        paths = [self.dir / "logs" / f"rank{r}.log" for r in ranks]
+        paths = [rank_file(self.dir, "logs", r) for r in ranks]
         return "".join(p.read_text() for p in paths if p.exists())
 
     @property
@@ -158,8 +189,3 @@ class Run:
 def load_run(path: str | os.PathLike) -> Run:
     """Reopen a run folder, finished or not: results, metrics, logs and figures as when it ran."""
     return Run(path)
-
-
-def save_result(run_dir: str | os.PathLike, rank: int, result) -> None:
-    """Written by the rank itself, so results survive the launching process."""
-    (Path(run_dir) / "results" / f"rank{rank}.pkl").write_bytes(cloudpickle.dumps(result))

@@ -16,16 +16,9 @@ import torch
 from torch import nn
 
 from .comm import Comm
+from .runs import append_lines
 
 OVERHEAD_TAG = "telemetry"  # what watching costs; every other tag is the algorithm's own traffic
-
-
-def metrics_file(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / "metrics" / f"rank{rank}.jsonl"
-
-
-def comm_file(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / "comm" / f"rank{rank}.jsonl"
 
 
 def _jsonable(value):
@@ -45,10 +38,8 @@ class Telemetry:
 
     def __init__(self, run_dir: Path, rank: int):
         self.rank = rank
-        for path in (metrics_file(run_dir, rank), comm_file(run_dir, rank)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(metrics_file(run_dir, rank), "a", buffering=1)  # line-buffered: flushed per row
-        self._comm = open(comm_file(run_dir, rank), "a")
+        self._metrics = append_lines(run_dir, "metrics", rank)
+        self._comm = append_lines(run_dir, "comm", rank)
         self._queued: deque[tuple] = deque()
 
     def record_comm(self, op: str, payload: int, seconds: float, tag: str) -> None:
@@ -67,7 +58,6 @@ class Telemetry:
             lines.append(json.dumps(row) + "\n")
         if lines:
             self._comm.write("".join(lines))
-            self._comm.flush()
         return totals
 
     def log(self, scalars: dict) -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .context import Context
-from .ranks import JOB_END
+from .ranks import JOB_END, Done, Failed, Job, Ready
 from .runs import save_result
 
 COMM_ERROR_HINTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket closed")
@@ -80,21 +80,20 @@ def is_comm_error(error: BaseException) -> bool:
     )
 
 
-def run_job(args, device: torch.device, job: tuple) -> tuple:
-    _, payload, run_dir, sources, attempt = job
-    install_sources(sources)
-    ctx = Context(args.rank, args.world_size, device, args.backend, run_dir, attempt=attempt)
+def run_job(args, device: torch.device, job: Job) -> Done | Failed:
+    install_sources(job.sources)
+    ctx = Context(args.rank, args.world_size, device, args.backend, job.run_dir, attempt=job.attempt)
     try:
-        fn, kwargs = cloudpickle.loads(payload)
+        fn, kwargs = cloudpickle.loads(job.payload)
         dist.barrier()
         result = fn(ctx, **kwargs)
         ctx.finish()
-        save_result(run_dir, args.rank, result)
-        return ("done", args.rank)
+        save_result(job.run_dir, args.rank, result)
+        return Done(args.rank)
     except BaseException as error:
         frames = error.__traceback__.tb_next  # start at the user's function, not at this one
         details = "".join(traceback.format_exception(type(error), error, frames))
-        return ("failed", args.rank, time.time(), details, is_comm_error(error))
+        return Failed(args.rank, time.time(), details, is_comm_error(error))
     finally:
         ctx.close()
         for stream in (sys.stdout, sys.stderr):
@@ -110,10 +109,10 @@ def main(argv=None) -> None:
     threading.Thread(target=read_commands, args=(commands, jobs), daemon=True).start()
     device = torch.device(args.device)
     join_process_group(args, device)
-    reports.send(("ready", args.rank, {"pid": os.getpid(), "device": str(device), "threads": args.threads}))
-    while (job := jobs.get())[0] == "job":
+    reports.send(Ready(args.rank, os.getpid(), str(device), args.threads))
+    while isinstance(job := jobs.get(), Job):
         reports.send(run_job(args, device, job))
-    os._exit(0)  # "exit": skip interpreter teardown, the launcher is waiting
+    os._exit(0)  # Exit: skip interpreter teardown, the launcher is waiting
 
 
 if __name__ == "__main__":
