@@ -27,7 +27,7 @@ import cloudpickle
 import torch
 
 from .ranks import Failed, Job, PoolShape, RankPool, default_threads, place
-from .runs import Run, append_lines, new_run_dir, write_config, write_failure
+from .runs import Run, append_lines, new_run_dir, rank_file, write_config, write_failure
 
 START_TIMEOUT = float(os.environ.get("DISTLAB_START_TIMEOUT", "300"))  # cold start: python + import torch
 FAILURE_GRACE = 0.5  # after a first failure, how long to collect other ranks' reports before choosing the root
@@ -43,11 +43,13 @@ class RankFailure(RuntimeError):
 
 
 class LaunchTimeout(TimeoutError):
-    """The ranks did not finish within `timeout=` seconds; they were stopped."""
+    """The ranks did not finish within `timeout=` seconds; they were stopped. `stacks[rank]` is where
+    each rank's threads were at that moment (faulthandler's text, most recent call first)."""
 
-    def __init__(self, message: str, run: Run):
-        super().__init__(message)
-        self.run = run
+    def __init__(self, message: str, run: Run, stacks: dict[int, str] | None = None):
+        self.run, self.stacks = run, stacks or {}
+        waiting = "".join(f"\n  rank {r}: {where_waiting(text)}" for r, text in sorted(self.stacks.items()))
+        super().__init__(message + (f"\nWhere each rank was waiting:{waiting}" if waiting else ""))
 
 
 class _Stopped(Exception):
@@ -230,8 +232,22 @@ class _Job:
             if deadline is not None and time.monotonic() > deadline:
                 raise LaunchTimeout(
                     f"rank(s) {sorted(pending)} still running after timeout={self.timeout}s; all ranks were "
-                    f"stopped. Their output so far is in run.logs() ({self.run.dir}).", self.run)
+                    f"stopped. Their output so far is in run.logs() ({self.run.dir}).", self.run,
+                    self._stacks(pool, sorted(pending)))
         self._drain_job_output(pool)
+
+    def _stacks(self, pool: RankPool, ranks: list[int], limit: float = 2.0) -> dict[int, str]:
+        """Each hanging rank's Python stacks, written by the rank itself on request (worker.py)."""
+        pool.request_stacks(ranks)
+        files = {r: rank_file(self.run.dir, "stacks", r) for r in ranks}
+        deadline, sizes = time.monotonic() + limit, None
+        while time.monotonic() < deadline:
+            time.sleep(POLL)
+            now = {r: path.stat().st_size if path.exists() else 0 for r, path in files.items()}
+            if all(now.values()) and now == sizes:  # every rank wrote, and nothing more since
+                break
+            sizes = now
+        return {r: path.read_text() for r, path in files.items() if path.exists() and path.stat().st_size}
 
     def _drain_job_output(self, pool: RankPool, limit: float = 5.0) -> None:
         """Each rank writes JOB_END on stdout and stderr after its job: wait for all of them."""
@@ -266,6 +282,39 @@ class _Job:
 
     def _finish(self, status: str, started: float) -> None:
         write_config(self.run.dir, status=status, seconds=round(time.time() - started, 3))
+
+
+def where_waiting(stacks: str) -> str:
+    """From a faulthandler dump, the thread that runs the job: the call it is blocked in and the line of
+    the user's code that made it, e.g. `recv (comm.py:65), called from ring (cell line 7)`."""
+    threads = [t for t in stacks.split("\n\n") if "in run_job" in t] or [stacks]
+    frames = [_frame(line.strip()) for line in threads[0].splitlines() if line.strip().startswith("File ")]
+    user = next((i for i, (path, _, _) in enumerate(frames) if _is_users(path)), None)
+    if user is None:
+        return ", called from ".join(_named(f) for f in frames[:2]) or "(no Python frame)"
+    inner = [f for f in frames[:user] if not _is_library(f[0])] or frames[:user]
+    return ", called from ".join(_named(f) for f in [*inner[-1:], frames[user]])
+
+
+def _frame(line: str) -> tuple[str, str, str]:
+    # 'File "/x/distlab/comm.py", line 71 in recv' -> ("/x/distlab/comm.py", "71", "recv")
+    path, _, rest = line[len('File "'):].partition('", line ')
+    number, _, function = rest.partition(" in ")
+    return path, number, function
+
+
+def _named(frame: tuple[str, str, str]) -> str:
+    path, number, function = frame
+    return f"{function} ({os.path.basename(path)}:{number})"
+
+
+def _is_library(path: str) -> bool:
+    """Python's own modules and installed packages (torch, ...), where a student's code never is."""
+    return path.startswith(("<", sys.base_prefix, sys.prefix)) or "site-packages" in path
+
+
+def _is_users(path: str) -> bool:
+    return not _is_library(path) and not path.startswith(os.path.dirname(__file__))
 
 
 def _headline(details: str) -> str:

@@ -27,6 +27,7 @@ import torch
 
 JOB_END = "\x00distlab-job-end"  # a rank writes it on stdout and stderr after each job: "all output is in"
 BACKENDS = ("auto", "gloo", "nccl")
+STACKS_SIGNAL = signal.SIGUSR1  # "write your threads' stacks into the run folder" (worker.py)
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,14 @@ class RankPool:
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
         tail = "\n".join(self.stderr_tail[rank]) or "(nothing on stderr)"
         return f"the process {how}. Last lines of its stderr:\n{tail}"
+
+    def request_stacks(self, ranks) -> None:
+        """Ask these ranks to write their Python stacks now (a hang's post-mortem; see worker.py)."""
+        for rank in ranks:
+            try:
+                os.kill(self.procs[rank].pid, STACKS_SIGNAL)
+            except ProcessLookupError:
+                pass
 
     def kill(self) -> None:
         """SIGKILL every rank's process group (the rank and whatever it started), then reap."""

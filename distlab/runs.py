@@ -6,6 +6,7 @@
       comm/rank<r>.jsonl     one row per communication op
       logs/rank<r>.log       the rank's stdout and stderr
       results/rank<r>.pkl    what the function returned (cloudpickle)
+      stacks/rank<r>.txt     where each rank's Python threads were when a timeout struck (faulthandler)
       failure.txt            the root-cause rank and its traceback, when one failed
       progress.json          total steps, when the function said (ctx.set_total)
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import cloudpickle
 
 RUNS_ROOT_ENV = "DISTLAB_RUNS"
-PER_RANK = {"metrics": ".jsonl", "comm": ".jsonl", "logs": ".log", "results": ".pkl"}  # folder: suffix
+PER_RANK = {"metrics": ".jsonl", "comm": ".jsonl", "logs": ".log", "results": ".pkl", "stacks": ".txt"}  # suffixes
 
 
 def runs_folder(root: str | os.PathLike | None = None) -> Path:

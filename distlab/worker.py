@@ -9,6 +9,7 @@ ends itself and everything it started (it leads its own process group).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import linecache
 import os
 import queue
@@ -25,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from .context import Context
-from .ranks import JOB_END, Done, Failed, Job, Ready
-from .runs import save_result
+from .ranks import JOB_END, STACKS_SIGNAL, Done, Failed, Job, Ready
+from .runs import rank_file, save_result
 
 COMM_ERROR_HINTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket closed")
 
@@ -80,9 +81,18 @@ def is_comm_error(error: BaseException) -> bool:
     )
 
 
+def dump_stacks_on_request(run_dir: str, rank: int):
+    """On SIGUSR1 (the launcher's, at a timeout) write every thread's Python stack to stacks/rank<r>.txt.
+    faulthandler does it from C, so it works while the rank is blocked inside a send or a collective."""
+    stacks = open(rank_file(run_dir, "stacks", rank), "w")
+    faulthandler.register(STACKS_SIGNAL, file=stacks, all_threads=True)
+    return stacks
+
+
 def run_job(args, device: torch.device, job: Job) -> Done | Failed:
     install_sources(job.sources)
     ctx = Context(args.rank, args.world_size, device, args.backend, job.run_dir, attempt=job.attempt)
+    stacks = dump_stacks_on_request(job.run_dir, args.rank)
     try:
         fn, kwargs = cloudpickle.loads(job.payload)
         dist.barrier()
@@ -95,6 +105,8 @@ def run_job(args, device: torch.device, job: Job) -> Done | Failed:
         details = "".join(traceback.format_exception(type(error), error, frames))
         return Failed(args.rank, time.time(), details, is_comm_error(error))
     finally:
+        faulthandler.unregister(STACKS_SIGNAL)
+        stacks.close()
         ctx.close()
         for stream in (sys.stdout, sys.stderr):
             stream.write(f"{JOB_END}\n")
@@ -103,6 +115,7 @@ def run_job(args, device: torch.device, job: Job) -> Done | Failed:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    faulthandler.enable()  # a segfault still shows the Python stack on stderr
     commands = Connection(args.cmd_fd, writable=False)
     reports = Connection(args.report_fd, readable=False)
     jobs: queue.Queue = queue.Queue()

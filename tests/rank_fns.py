@@ -26,6 +26,13 @@ def hang_in_collective(ctx, hanging_rank=0):
     dist.all_reduce(torch.ones(1))
 
 
+def receive_first(ctx):
+    """Every rank waits for its neighbour before sending to it: nobody ever sends."""
+    x = torch.zeros(4)
+    ctx.comm.recv(x, (ctx.rank + 1) % ctx.world_size)
+    ctx.comm.send(x, (ctx.rank + 1) % ctx.world_size)
+
+
 def start_child_then_fail(ctx):
     """Rank 1 starts a long subprocess of its own, then raises."""
     if ctx.rank == 1:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 import distlab as dl
 from conftest import gone, rank_processes
-from rank_fns import hang_in_collective, start_child_then_fail
+from rank_fns import hang_in_collective, receive_first, start_child_then_fail
 
 TESTS = Path(__file__).parent
 
@@ -67,6 +67,19 @@ def test_a_hang_raises_launch_timeout_and_stops_every_rank(no_ranks_left):
         dl.launch(hang_in_collective, world_size=2, timeout=2)
     assert 2 <= time.monotonic() - started < 10
     assert caught.value.run.status == "timeout"
+
+
+def test_a_timeout_says_where_each_rank_was_waiting(no_ranks_left):
+    """Every rank receives first: a deadlock. The timeout names the call each rank is blocked in and the
+    line of the user's function that made it, from the stacks each rank wrote at that moment."""
+    dl.launch(lambda ctx: None, world_size=2)
+    with pytest.raises(dl.LaunchTimeout) as caught:
+        dl.launch(receive_first, world_size=2, timeout=2)
+    assert sorted(caught.value.stacks) == [0, 1]
+    for rank in (0, 1):
+        assert f"rank {rank}: recv (comm.py:" in str(caught.value)
+        assert "called from receive_first (rank_fns.py:" in str(caught.value)
+        assert "in receive_first" in caught.value.stacks[rank]
 
 
 def test_twenty_launches_leak_no_process_thread_or_file():
