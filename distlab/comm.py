@@ -71,6 +71,12 @@ class Comm:
         work = dist.isend(tensor, dst=dst)
         return Pending(work, lambda: self._record("send", nbytes(tensor), time.perf_counter() - start, tag))
 
+    def irecv(self, tensor: torch.Tensor, src: int, tag: str = "train") -> Pending:
+        """Start a receive into `tensor` and return at once; after `.wait()` the tensor holds the message."""
+        start = time.perf_counter()
+        work = dist.irecv(tensor, src=src)
+        return Pending(work, lambda: self._record("recv", nbytes(tensor), time.perf_counter() - start, tag))
+
     def barrier(self, tag: str = "train") -> None:
         self._timed("barrier", None, dist.barrier, tag)
 
