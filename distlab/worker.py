@@ -84,7 +84,9 @@ def is_comm_error(error: BaseException) -> bool:
 def dump_stacks_on_request(run_dir: str, rank: int):
     """On SIGUSR1 (the launcher's, at a timeout) write every thread's Python stack to stacks/rank<r>.txt.
     faulthandler does it from C, so it works while the rank is blocked inside a send or a collective."""
-    stacks = open(rank_file(run_dir, "stacks", rank), "w")
+    path = rank_file(run_dir, "stacks", rank)
+    path.parent.mkdir(exist_ok=True)  # a run folder made by an older distlab has no stacks/
+    stacks = open(path, "w")
     faulthandler.register(STACKS_SIGNAL, file=stacks, all_threads=True)
     return stacks
 

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import rank_processes
 from distlab.labs import grading
 from distlab.labs.solutions import ref02
-
-from conftest import rank_processes
 
 
 def deadlocks(ctx, tensor):
