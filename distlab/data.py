@@ -1,6 +1,8 @@
-"""Data that ships with packages (nothing downloads at run time), and how ranks split it."""
+"""Data that ships with packages (nothing downloads at run time), how ranks split it, and how they draw minibatches."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -26,3 +28,26 @@ def digits(rank: int = 0, world_size: int = 1, test_fraction: float = 0.2, seed:
     test, train = order[:n_test], order[n_test:]
     mine = train[shard(len(train), rank, world_size)]
     return x[mine], y[mine], x[test], y[test]
+
+
+def generator(seed: int, rank: int) -> torch.Generator:
+    """Rank `rank`'s random stream under `seed`, seeded `seed * 1000 + rank`: the one convention of every
+    digits task, so two engines given the same seed draw the same numbers on the same rank."""
+    return torch.Generator().manual_seed(seed * 1000 + rank)
+
+
+def minibatches(x: torch.Tensor, y: torch.Tensor, batch: int, seed: int = 0, rank: int = 0,
+                start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless minibatches (x[pick], y[pick]) of `batch` examples drawn with replacement from the stream
+    `generator(seed, rank)`; `rank` is the data-parallel replica (a parameter-server worker's index).
+
+    Every digits task draws its minibatches here, so engines tested to agree (the sync parameter server
+    and DDP, gossip on the full graph and all-reduce) see the same examples. `start` skips that many
+    batches: a run resumed at step k draws what an uninterrupted one draws from step k on.
+    """
+    g = generator(seed, rank)
+    for _ in range(start):
+        torch.randint(len(x), (batch,), generator=g)
+    while True:
+        pick = torch.randint(len(x), (batch,), generator=g)
+        yield x[pick], y[pick]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,3 +32,16 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Share of the examples whose highest-scoring class is the label."""
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
+
+
+def parameter_count(model: nn.Module) -> int:
+    """How many numbers the model trains; one float32 copy of it is 4x that many bytes."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def largest_difference(a: torch.Tensor | Sequence[torch.Tensor], b: torch.Tensor | Sequence[torch.Tensor]) -> float:
+    """The largest coordinate-wise gap |a - b| between two tensors or two sequences of tensors (two models,
+    a result and its reference): how tests and notebooks say "the same, up to round-off"."""
+    if isinstance(a, torch.Tensor):
+        a, b = [a], [b]
+    return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))

@@ -12,6 +12,7 @@ import torch
 import distlab as dl
 from conftest import rank_processes
 from distlab import multinode
+from distlab.models import largest_difference
 from distlab.resilience import training as resilience
 from distlab.resilience.checkpoint import Checkpointer, checkpoint_path, latest_complete_step
 from distlab.resilience.faults import FaultControl, Faults
@@ -19,7 +20,7 @@ from distlab.viz.resilience import chaos_panel
 
 
 def _max_diff(a: dl.Run, b: dl.Run) -> float:
-    return max((x["params"] - y["params"]).abs().max().item() for x, y in zip(a.results, b.results))
+    return largest_difference([r["params"] for r in a.results], [r["params"] for r in b.results])
 
 
 def test_resume_uses_the_newest_step_every_rank_saved(tmp_path):

@@ -139,7 +139,8 @@ def trained(tmp_path_factory):
                "pairwise": {"algorithm": "pairwise", "topology": "ring"}, "all-reduce": {"algorithm": "allreduce"}}
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DISTLAB_RUNS", str(tmp_path_factory.mktemp("runs")))
-        return {name: dl.launch(gossip.train, world_size=4, timeout=100, steps=100, **kw) for name, kw in configs.items()}
+        return {name: dl.launch(gossip.train, world_size=4, timeout=100, steps=100, **kw)
+                for name, kw in configs.items()}
 
 
 @pytest.mark.timeout(200)

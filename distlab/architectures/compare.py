@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import data
+from .. import data, models
 from ..communication.cost import ring_allreduce_bytes
 from ..launch import launch
 from . import gossip
@@ -34,7 +34,8 @@ from .federated import processes as federated_ranks
 from .federated import simulation as federated_sim
 
 ARCHITECTURES = ("all-reduce", "PS sync", "PS async", "gossip ring", "gossip full", "FedAvg")
-PARAMETERS = 64 * 32 + 32 + 32 * 10 + 10  # the MLP 64-32-10
+with torch.device("meta"):  # shapes only: no memory, and no draw from torch's random stream at import
+    PARAMETERS = models.parameter_count(models.mlp(64, 32, 10))  # the MLP 64-32-10
 PAYLOAD = 4 * PARAMETERS  # bytes of one float32 copy of the model
 
 

@@ -64,12 +64,11 @@ def work(ctx, rounds: int, local_steps: int, lr: float, batch: int, seed: int, h
     torch.manual_seed(seed)
     model = models.mlp(64, hidden, 10)
     flat = parameters_to_vector(model.parameters()).detach()
-    batches = torch.Generator().manual_seed(seed * 1000 + ctx.rank)
+    batches = data.minibatches(x, y, batch, seed, ctx.rank)
     for round_ in range(1, rounds + 1):
         partner = int(ctx.comm.recv(torch.zeros(1, dtype=torch.int64), src=0, tag="control"))
         for _ in range(local_steps):
-            pick = torch.randint(len(x), (batch,), generator=batches)
-            grad, loss = models.gradient(model, x[pick], y[pick])
+            grad, loss = models.gradient(model, *next(batches))
             flat = flat - lr * grad
             vector_to_parameters(flat, model.parameters())
         if partner >= 0:

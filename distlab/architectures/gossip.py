@@ -120,19 +120,19 @@ def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 20
     torch.manual_seed(seed if same_start else seed + 1 + rank)
     model = models.mlp(64, hidden, 10)
     x, y, x_test, y_test = data.digits(rank, n, seed=seed)
-    batches = torch.Generator().manual_seed(seed * 1000 + rank)
+    batches = data.minibatches(x, y, batch, seed, rank)
     matchings = torch.Generator().manual_seed(seed)  # shared: every rank draws the same matchings
     flat = parameters_to_vector(model.parameters()).detach()
     payload = flat.numel() * flat.element_size()
     ctx.set_total(steps)
-    ctx.log(step=0, consensus=consensus_distance(flat, None, n), sent_bytes=0, accuracy=models.accuracy(model, x_test, y_test))
+    ctx.log(step=0, consensus=consensus_distance(flat, None, n), sent_bytes=0,
+            accuracy=models.accuracy(model, x_test, y_test))
     sent, taken = 0, 0
     for step in range(1, steps + 1):
         alive = members.alive(step)
         if rank not in alive:
             break
-        pick = torch.randint(len(x), (batch,), generator=batches)
-        grad, loss = models.gradient(model, x[pick], y[pick])
+        grad, loss = models.gradient(model, *next(batches))
         step_bytes = 0
         if algorithm == "allreduce":
             flat = flat - lr * ctx.comm.all_reduce(grad) / n
@@ -153,4 +153,5 @@ def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 20
             row["accuracy"] = models.accuracy(model, x_test, y_test)
         ctx.log(**row)
     members.close(rank)
-    return {"accuracy": models.accuracy(model, x_test, y_test), "sent_bytes": sent, "steps": taken, "params": flat.clone()}
+    return {"accuracy": models.accuracy(model, x_test, y_test), "sent_bytes": sent, "steps": taken,
+            "params": flat.clone()}

@@ -26,6 +26,7 @@ import math
 import queue
 import threading
 import time
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,55 @@ from ..comm import nbytes
 PULL, PUSH, BYE, TOMBSTONE = 0, 1, 2, 3  # message kinds, worker -> server
 HEADER, PAYLOAD, REPLY_HEADER, REPLY_PAYLOAD = 1, 2, 3, 4  # point-to-point tags
 SHARDINGS = ("range", "tensor")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One parameter-server job: the options of `run`, checked once here (`check` adds what needs the world)."""
+
+    staleness: float = 0  # s: 0 BSP, an integer SSP, math.inf ASP
+    servers: int = 1  # ranks 0..servers-1 hold the parameters, the others work
+    steps: int = 60  # the job is steps x workers pushes
+    batch: int = 32
+    lr: float = 0.2
+    slow_rank: int | None = None  # a straggler: sleeps `delay` seconds every step
+    delay: float = 0.0
+    jitter: float = 0.0  # every worker sleeps `delay` at a step with this probability
+    crash_rank: int | None = None  # stops silently at step `crash_at`
+    crash_at: int | None = None
+    failure_timeout: float = 2.0  # seconds of silence before a server declares a worker dead
+    shard: str = "range"  # how the flat parameters are split among the servers: SHARDINGS
+    hidden: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (isinstance(self.staleness, int) or self.staleness == math.inf) or self.staleness < 0:
+            raise ValueError(f"staleness must be an integer >= 0 or math.inf, got {self.staleness!r}")
+        if self.steps < 1 or self.batch < 1 or self.lr <= 0:
+            raise ValueError(f"steps, batch and lr must be positive, got steps={self.steps}, batch={self.batch}, "
+                             f"lr={self.lr}")
+        if not 0 <= self.delay < self.failure_timeout:
+            raise ValueError(f"delay must be >= 0 and below failure_timeout={self.failure_timeout}, got {self.delay}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be a probability in [0, 1], got {self.jitter}")
+        if self.crash_rank is not None and not (isinstance(self.crash_at, int) and 0 <= self.crash_at < self.steps):
+            raise ValueError(f"crash_at must be a step in 0..{self.steps - 1} when crash_rank is set, "
+                             f"got {self.crash_at!r}")
+        if self.shard not in SHARDINGS:
+            raise ValueError(f"shard must be one of {SHARDINGS}, got {self.shard!r}")
+
+    def check(self, world_size: int, backend: str) -> None:
+        """What depends on the launch: gloo (a server receives from any source), and who may serve or work."""
+        if backend != "gloo":
+            raise ValueError(f"the parameter server needs backend='gloo' (it receives from any source), "
+                             f"got {backend!r}")
+        if not 1 <= self.servers < world_size:
+            raise ValueError(f"servers must be between 1 and world_size - 1 = {world_size - 1}, got {self.servers}")
+        for name in ("slow_rank", "crash_rank"):
+            rank = getattr(self, name)
+            if rank is not None and not self.servers <= rank < world_size:
+                raise ValueError(f"{name} must be a worker rank ({self.servers}..{world_size - 1}) or None, "
+                                 f"got {rank}")
 
 
 # -- what the servers hold ----------------------------------------------------------------------------
@@ -71,20 +121,15 @@ def shard_bounds(sizes: list[int], servers: int, by: str = "range") -> list[tupl
 
 # -- the worker ----------------------------------------------------------------------------------------
 
-def batch_order(worker: int, seed: int) -> torch.Generator:
-    """The minibatch sampler of one worker; the data-parallel reference uses the same one."""
-    return torch.Generator().manual_seed(seed * 1000 + worker)
-
-
 class Worker:
     """Pull all shards, compute a gradient on a minibatch of its data, push each shard's part."""
 
-    def __init__(self, ctx, bounds, seed: int, hidden: int):
+    def __init__(self, ctx, bounds, config: Config):
         self.bounds = bounds
-        self.index = ctx.rank - len(bounds)
-        self.x, self.y, _, _ = data.digits(self.index, ctx.world_size - len(bounds))
-        self.order = batch_order(self.index, seed)
-        self.model = build_model(seed, hidden)
+        self.index = ctx.rank - len(bounds)  # its data shard and minibatches are those of DDP's rank `index`
+        x, y, _, _ = data.digits(self.index, ctx.world_size - len(bounds))
+        self.batches = data.minibatches(x, y, config.batch, config.seed, self.index)
+        self.model = build_model(config.seed, config.hidden)
         self.flat = flat_parameters(self.model)
         self.versions = [0] * len(bounds)
         self.gaps = [0] * len(bounds)
@@ -117,13 +162,15 @@ class Worker:
             dist.send(torch.tensor([kind, 0, 0, 0]), dst=server, tag=HEADER)
 
 
-def run_worker(ctx, worker: Worker, batch, delay, slow, jitter, crash_at, seed, t0) -> dict:
-    """Pull, compute, push until the servers say the job is done (or until crashing at `crash_at`).
+def run_worker(ctx, worker: Worker, config: Config, t0: float) -> dict:
+    """Pull, compute, push until the servers say the job is done (or until crashing at `config.crash_at`).
 
-    A slow worker sleeps `delay` seconds every step; any worker does so at a step with probability `jitter`.
+    The slow rank sleeps `delay` seconds every step; any worker does so at a step with probability `jitter`.
     """
     rows = {"step": [], "t": [], "loss": [], "clock_staleness": [], "wait": []}
-    hiccups = torch.Generator().manual_seed(seed * 1000 + ctx.rank)
+    hiccups = data.generator(config.seed, ctx.rank)
+    slow = ctx.rank == config.slow_rank
+    crash_at = config.crash_at if ctx.rank == config.crash_rank else None
     crashed = None
     for step in itertools.count():
         if step == crash_at:
@@ -133,10 +180,9 @@ def run_worker(ctx, worker: Worker, batch, delay, slow, jitter, crash_at, seed, 
         if not worker.pull(step):
             break
         waited = time.perf_counter() - start
-        if slow or torch.rand(1, generator=hiccups).item() < jitter:
-            time.sleep(delay)
-        pick = torch.randint(len(worker.x), (batch,), generator=worker.order)
-        grad, loss = models.gradient(worker.model, worker.x[pick], worker.y[pick])
+        if slow or torch.rand(1, generator=hiccups).item() < config.jitter:
+            time.sleep(config.delay)
+        grad, loss = models.gradient(worker.model, *next(worker.batches))
         worker.push(step, grad)
         for key, value in zip(rows, (step, time.time() - t0, loss, max(worker.gaps), waited)):
             rows[key].append(value)
@@ -173,17 +219,18 @@ def receive_messages(inbox: queue.Queue, shard: int, n_workers: int, counts: dic
 class Server:
     """One shard of the parameters, the workers' clocks, and the rule for when a pull may be answered."""
 
-    def __init__(self, params: torch.Tensor, workers: list[int], staleness: float, lr: float, budget: int,
-                 failure_timeout: float, t0: float):
-        self.params, self.staleness, self.lr, self.budget = params, staleness, lr, budget
-        self.failure_timeout, self.t0 = failure_timeout, t0
+    def __init__(self, params: torch.Tensor, workers: list[int], config: Config, t0: float):
+        self.params, self.staleness, self.lr = params, config.staleness, config.lr
+        self.budget = config.steps * len(workers)  # the job's pushes
+        self.failure_timeout, self.t0 = config.failure_timeout, t0
         self.clock = {w: 0 for w in workers}
         self.state = {w: "live" for w in workers}  # live, done, dead
         self.heard = {w: time.time() for w in workers}
         self.waiting: dict[int, tuple[int, float]] = {}  # worker -> (clock, since) of a pull on hold
         self.version, self.pushes = 0, 0
         self.round_sum, self.round_pushes = torch.zeros_like(params), 0
-        self.updates = {k: [] for k in ("t", "worker", "clock", "version", "version_staleness", "clock_staleness")}
+        self.updates = {k: [] for k in ("t", "worker", "clock", "version", "version_staleness",
+                                        "clock_staleness")}
         self.pulls = {k: [] for k in ("t", "worker", "clock", "clock_staleness", "wait")}
         self.events: list[dict] = []
         self.bytes_out: dict[int, int] = {}
@@ -248,21 +295,24 @@ class Server:
                 dist.send(self.params, dst=w, tag=REPLY_PAYLOAD)
                 self.bytes_out[w] = self.bytes_out.get(w, 0) + nbytes(header) + nbytes(self.params)
                 if not done:
-                    for key, value in zip(self.pulls, (time.time() - self.t0, w, clock, gap, time.time() - since)):
+                    row = (time.time() - self.t0, w, clock, gap, time.time() - since)
+                    for key, value in zip(self.pulls, row):
                         self.pulls[key].append(value)
 
     def serving(self) -> bool:
         return any(s == "live" for s in self.state.values())
 
 
-def run_server(ctx, bounds, staleness, lr, steps, seed, hidden, failure_timeout, t0) -> dict:
+def run_server(ctx, bounds: list[tuple[int, int]], config: Config, t0: float) -> dict:
+    """Serve this rank's shard until no worker is live; returns what it applied, answered and counted."""
     lo, hi = bounds[ctx.rank]
     workers = list(range(len(bounds), ctx.world_size))
-    params = flat_parameters(build_model(seed, hidden))[lo:hi]
-    server = Server(params, workers, staleness, lr, steps * len(workers), failure_timeout, t0)
+    params = flat_parameters(build_model(config.seed, config.hidden))[lo:hi]
+    server = Server(params, workers, config, t0)
     inbox: queue.Queue = queue.Queue()
     bytes_in: dict[int, int] = {}
-    receiver = threading.Thread(target=receive_messages, args=(inbox, hi - lo, len(workers), bytes_in), daemon=True)
+    receiver = threading.Thread(target=receive_messages, args=(inbox, hi - lo, len(workers), bytes_in),
+                                daemon=True)
     receiver.start()
     busy, messages = 0.0, 0
     while server.serving():
@@ -281,58 +331,34 @@ def run_server(ctx, bounds, staleness, lr, steps, seed, hidden, failure_timeout,
     dist.barrier()  # training is over everywhere; crashed workers now send their tombstones
     receiver.join()
     return {"role": "server", "rank": ctx.rank, "range": (lo, hi), "params": server.params.tolist(),
-            "version": server.version, "pushes": server.pushes, "updates": server.updates, "pulls": server.pulls,
-            "events": server.events, "bytes_in": bytes_in, "bytes_out": server.bytes_out,
+            "version": server.version, "pushes": server.pushes, "updates": server.updates,
+            "pulls": server.pulls, "events": server.events, "bytes_in": bytes_in, "bytes_out": server.bytes_out,
             "messages": messages, "busy_s": busy, "wall_s": time.time() - t0}
 
 
 # -- the rank function ---------------------------------------------------------------------------------
 
-def _check(ctx, staleness, servers, steps, batch, lr, slow_rank, delay, jitter, crash_rank, crash_at,
-           failure_timeout):
-    if ctx.backend != "gloo":
-        raise ValueError(f"the parameter server needs backend='gloo' (it receives from any source), got {ctx.backend!r}")
-    if not (isinstance(staleness, int) or staleness == math.inf) or staleness < 0:
-        raise ValueError(f"staleness must be an integer >= 0 or math.inf, got {staleness!r}")
-    if not 1 <= servers < ctx.world_size:
-        raise ValueError(f"servers must be between 1 and world_size - 1 = {ctx.world_size - 1}, got {servers}")
-    if steps < 1 or batch < 1 or lr <= 0:
-        raise ValueError(f"steps, batch and lr must be positive, got steps={steps}, batch={batch}, lr={lr}")
-    workers = range(servers, ctx.world_size)
-    for name, rank in (("slow_rank", slow_rank), ("crash_rank", crash_rank)):
-        if rank is not None and rank not in workers:
-            raise ValueError(f"{name} must be a worker rank ({servers}..{ctx.world_size - 1}) or None, got {rank}")
-    if not 0 <= delay < failure_timeout:
-        raise ValueError(f"delay must be >= 0 and below failure_timeout={failure_timeout}, got {delay}")
-    if not 0 <= jitter <= 1:
-        raise ValueError(f"jitter must be a probability in [0, 1], got {jitter}")
-    if crash_rank is not None and not (isinstance(crash_at, int) and 0 <= crash_at < steps):
-        raise ValueError(f"crash_at must be a step in 0..{steps - 1} when crash_rank is set, got {crash_at!r}")
-
-
-def run(ctx, staleness: float = 0, servers: int = 1, steps: int = 60, batch: int = 32, lr: float = 0.2,
-        slow_rank: int | None = None, delay: float = 0.0, jitter: float = 0.0, crash_rank: int | None = None,
-        crash_at: int | None = None, failure_timeout: float = 2.0, shard: str = "range", hidden: int = 32,
-        seed: int = 0) -> dict:
+def run(ctx, config: Config | None = None, **options) -> dict:
     """Train the digits MLP on a parameter server with staleness bound `staleness` (0 BSP, inf ASP).
 
-    The job is `steps` x workers minibatch gradients: the servers answer "stop" once they got that
-    many pushes, so under ASP fast workers take more steps and a straggler fewer. `slow_rank` sleeps
-    `delay` seconds per step (a straggler), every worker with probability `jitter` per step (transient
-    stragglers); `crash_rank` stops silently at step `crash_at`. Returns this rank's record: a server's updates, pulls, events, bytes and final shard,
-    or a worker's loss, clock staleness and waiting time per step.
+    Options: a Config, or its fields as keywords (which override the Config's). The job is `steps` x
+    workers minibatch gradients: the servers answer "stop" once they got that many pushes, so under ASP
+    fast workers take more steps and a straggler fewer. `slow_rank` sleeps `delay` seconds per step (a
+    straggler), every worker with probability `jitter` per step (transient stragglers); `crash_rank`
+    stops silently at step `crash_at`. Returns this rank's record: a server's updates, pulls, events,
+    bytes and final shard, or a worker's loss, clock staleness and waiting time per step.
     """
-    _check(ctx, staleness, servers, steps, batch, lr, slow_rank, delay, jitter, crash_rank, crash_at, failure_timeout)
-    sizes = [p.numel() for p in build_model(seed, hidden).parameters()]
-    bounds = shard_bounds(sizes, servers, shard)
-    ctx.set_total(steps)
-    worker = Worker(ctx, bounds, seed, hidden) if ctx.rank >= servers else None  # data loaded before the clock starts
+    config = Config(**options) if config is None else replace(config, **options)
+    config.check(ctx.world_size, ctx.backend)
+    sizes = [p.numel() for p in build_model(config.seed, config.hidden).parameters()]
+    bounds = shard_bounds(sizes, config.servers, config.shard)
+    ctx.set_total(config.steps)
+    worker = Worker(ctx, bounds, config) if ctx.rank >= config.servers else None  # data loaded before the clock
     dist.barrier()
     t0 = time.time()
     if worker is None:
-        return run_server(ctx, bounds, staleness, lr, steps, seed, hidden, failure_timeout, t0)
-    crash = crash_at if ctx.rank == crash_rank else None
-    return run_worker(ctx, worker, batch, delay, ctx.rank == slow_rank, jitter, crash, seed, t0)
+        return run_server(ctx, bounds, config, t0)
+    return run_worker(ctx, worker, config, t0)
 
 
 MODES = {"sync": 0, "async": math.inf}
@@ -353,10 +379,10 @@ def ddp_train(ctx, steps: int = 60, batch: int = 32, lr: float = 0.2, hidden: in
     model = nn.parallel.DistributedDataParallel(build_model(seed, hidden))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     x, y, _, _ = data.digits(ctx.rank, ctx.world_size)
-    order = batch_order(ctx.rank, seed)
+    batches = data.minibatches(x, y, batch, seed, ctx.rank)
     for step in range(steps):
-        pick = torch.randint(len(x), (batch,), generator=order)
-        loss = F.cross_entropy(model(x[pick]), y[pick])
+        xb, yb = next(batches)
+        loss = F.cross_entropy(model(xb), yb)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

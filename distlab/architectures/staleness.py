@@ -21,7 +21,7 @@ def train(ctx, staleness: float = 0, **options) -> dict:
     """Train the digits MLP under staleness bound `staleness` (0 BSP, integer SSP, math.inf ASP).
 
     Rank 0 is the server (`servers=k` for k of them), the other ranks are workers. Options as
-    `parameter_server.run` (steps, lr, seed; slow_rank: a straggler that sleeps `delay` seconds per step;
+    `parameter_server.Config` (steps, lr, seed; slow_rank: a straggler that sleeps `delay` seconds per step;
     jitter: every worker sleeps `delay` at a step with this probability; batch, crash_rank, crash_at,
     failure_timeout, shard, hidden). Returns this rank's record:
     - worker: {"role": "worker", "steps": {"step", "t", "loss", "clock_staleness", "wait"} as lists,

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .. import models
 from ..comm import nbytes
-from ..data import digits
+from ..data import digits, minibatches
 from ..models import mlp
 
 METHODS = ("none", "fp16", "bf16", "topk", "powersgd")
@@ -161,12 +161,12 @@ def train_compressed(ctx, method: str = "none", steps: int = 150, lr: float = 0.
     model = DDP(mlp(64, hidden, 10))
     register(model, method, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    batches = torch.Generator().manual_seed(ctx.rank)
+    batches = minibatches(x, y, batch, seed=0, rank=ctx.rank)
     per_step = []
     with counting() as counter:
         for _ in range(steps):
-            pick = torch.randint(len(x), (batch,), generator=batches)
-            loss = F.cross_entropy(model(x[pick]), y[pick])
+            xb, yb = next(batches)
+            loss = F.cross_entropy(model(xb), yb)
             optimizer.zero_grad()
             before = counter.bytes
             loss.backward()

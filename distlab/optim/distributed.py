@@ -112,11 +112,10 @@ def _digits_model(seed: int, *sizes: int) -> nn.Module:
     return models.mlp(*(sizes or (64, 64, 10)))
 
 
-def _backward_on_batch(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, batch: int,
-                       batches: torch.Generator) -> torch.Tensor:
-    """Draw a minibatch, zero the gradients, forward and backward; the caller averages and steps."""
-    pick = torch.randint(len(x), (batch,), generator=batches)
-    loss = F.cross_entropy(model(x[pick]), y[pick])
+def _backward_on_batch(model: nn.Module, opt, batches) -> torch.Tensor:
+    """Take the next minibatch, zero the gradients, forward and backward; the caller averages and steps."""
+    x, y = next(batches)
+    loss = F.cross_entropy(model(x), y)
     opt.zero_grad()
     loss.backward()
     return loss
@@ -128,10 +127,10 @@ def train_optimizer(ctx, optimizer: str = "sgd", steps: int = 150, batch: int = 
     x, y, x_test, y_test = data.digits(ctx.rank, ctx.world_size)
     model = _digits_model(seed)
     opt = make(optimizer, model.parameters(), **hyper)
-    batches = torch.Generator().manual_seed(1000 * seed + ctx.rank)
+    batches = data.minibatches(x, y, batch, seed, ctx.rank)
     ctx.set_total(steps)
     for step in range(steps):
-        loss = _backward_on_batch(model, opt, x, y, batch, batches)
+        loss = _backward_on_batch(model, opt, batches)
         average_gradients(model, ctx.comm)
         opt.step()
         ctx.log(step=step, loss=loss.item())
@@ -152,10 +151,10 @@ def train_large_batch(ctx, batch: int = 8, base_lr: float = 0.1, base_batch: int
     warmup = max(1, round(warmup_epochs * n_train / global_batch)) if scale else 0
     model = _digits_model(seed)
     opt = make("sgd", model.parameters(), lr=lr)
-    batches = torch.Generator().manual_seed(1000 * seed + ctx.rank)
+    batches = data.minibatches(x, y, batch, seed, ctx.rank)
     for step in range(steps):
         opt.param_groups[0]["lr"] = warmup_lr(step, lr, warmup)
-        loss = _backward_on_batch(model, opt, x, y, batch, batches)
+        loss = _backward_on_batch(model, opt, batches)
         average_gradients(model, ctx.comm)
         opt.step()
         ctx.log(step=step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
@@ -170,9 +169,9 @@ def train_local_sgd(ctx, every: int = 4, steps: int = 160, batch: int = 16, lr: 
     x, y, x_test, y_test = data.digits(ctx.rank, ctx.world_size)
     model = _digits_model(seed)
     opt = make("sgd", model.parameters(), lr=lr)
-    batches = torch.Generator().manual_seed(1000 * seed + ctx.rank)
+    batches = data.minibatches(x, y, batch, seed, ctx.rank)
     for step in range(steps):
-        loss = _backward_on_batch(model, opt, x, y, batch, batches)
+        loss = _backward_on_batch(model, opt, batches)
         opt.step()
         if (step + 1) % every == 0:
             average_parameters(model, ctx.comm)
@@ -198,21 +197,21 @@ def compare_zero(ctx, steps: int = 20, lr: float = 1e-2, batch: int = 16, sizes:
         "torch": torch.optim.Adam(copies["torch"].parameters(), lr=lr),
         "zero": ZeroRedundancyOptimizer(copies["zero"].parameters(), optimizer_class=torch.optim.Adam, lr=lr),
     }
-    batches = torch.Generator().manual_seed(ctx.rank)
+    batches = data.minibatches(x, y, batch, seed=0, rank=ctx.rank)
     for _ in range(steps):
-        pick = torch.randint(len(x), (batch,), generator=batches)
+        xb, yb = next(batches)
         for name, model in copies.items():
             opts[name].zero_grad()
-            F.cross_entropy(model(x[pick]), y[pick]).backward()
+            F.cross_entropy(model(xb), yb).backward()
             average_gradients(model, ctx.comm)
             opts[name].step()
     flat = {name: parameters_to_vector(model.parameters()) for name, model in copies.items()}
     return {
         "params": flat["adam"].numel(),
         "state_bytes": {name: state_bytes(opt.optim if name == "zero" else opt) for name, opt in opts.items()},
-        "sharded_vs_adam": (flat["sharded"] - flat["adam"]).abs().max().item(),
-        "zero_vs_torch": (flat["zero"] - flat["torch"]).abs().max().item(),
-        "adam_vs_torch": (flat["adam"] - flat["torch"]).abs().max().item(),
+        "sharded_vs_adam": models.largest_difference(flat["sharded"], flat["adam"]),
+        "zero_vs_torch": models.largest_difference(flat["zero"], flat["torch"]),
+        "adam_vs_torch": models.largest_difference(flat["adam"], flat["torch"]),
     }
 
 
@@ -225,11 +224,11 @@ def gradient_noise(ctx, batch: int = 8, draws: int = 40, seed: int = 0) -> dict:
     full = flat_grad(model)
     sizes = [n for n in (2**k for k in range(ctx.world_size.bit_length())) if ctx.world_size % n == 0]
     errors = {n: 0.0 for n in sizes}
-    batches = torch.Generator().manual_seed(1000 * seed + ctx.rank)
+    batches = data.minibatches(x, y, batch, seed, ctx.rank)
     for _ in range(draws):
-        pick = torch.randint(len(x), (batch,), generator=batches)
+        xb, yb = next(batches)
         model.zero_grad()
-        F.cross_entropy(model(x[pick]), y[pick]).backward()
+        F.cross_entropy(model(xb), yb).backward()
         per_rank = torch.stack(ctx.comm.all_gather(flat_grad(model)))
         for n in sizes:  # disjoint groups of n ranks: ranks 0..n-1, n..2n-1, ...
             groups = per_rank.view(ctx.world_size // n, n, -1).mean(1)

@@ -25,13 +25,6 @@ from .checkpoint import Checkpointer
 from .faults import Faults
 
 
-def batch_at(x: torch.Tensor, y: torch.Tensor, step: int, size: int, seed: int, rank: int):
-    """The batch of `step`: a function of the step alone, so the step number is the data position."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + rank * 10_007 + step)
-    idx = torch.randint(len(x), (size,), generator=g)
-    return x[idx], y[idx]
-
-
 def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delay: float = 0.0):
     """(gradients, loss) at a snapshot of the parameters, so it can run in a thread while they change."""
     time.sleep(delay)  # an injected straggler computes slowly
@@ -80,10 +73,11 @@ def train(ctx, steps: int = 60, lr: float = 0.1, batch: int = 32, hidden: int = 
     start = checkpoints.restore(model, optimizer)
     faults = Faults(**faults) if isinstance(faults, dict) else faults or Faults()
     deadline = Deadline(deadline_ms / 1000) if deadline_ms else None
+    batches = data.minibatches(x, y, batch, seed, ctx.rank, start=start)  # the step number is the data position
     ctx.set_total(steps)
     for step in range(start, steps):
         began = time.perf_counter()
-        xb, yb = batch_at(x, y, step, batch, seed, ctx.rank)
+        xb, yb = next(batches)
         work = (model, xb.to(ctx.device), yb.to(ctx.device), faults.step_delay(ctx))
         result = deadline.gradient(*work) if deadline else gradient(*work)
         contributors = apply_mean_gradient(ctx, model, result)

@@ -12,6 +12,7 @@ dl.launch: rank 0 learns, ranks 1.. act) and on_ray.py (Ray actors).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -42,22 +43,29 @@ def get_weights(policy: nn.Module) -> torch.Tensor:
     return nn.utils.parameters_to_vector(policy.parameters()).detach().clone()
 
 
+def action_head_shapes(hidden: int) -> list[torch.Size]:
+    """Shapes of W1, b1, W2, b2 of the policy's action head, which leads its flat weights (built on the
+    meta device: no memory, no draw from torch's random stream)."""
+    with torch.device("meta"):
+        return [p.shape for p in Policy(hidden).pi.parameters()]
+
+
 class Agent:
     """What acting needs: the policy's action head as numpy arrays (a forward pass costs microseconds,
     not torch's tens of) and a seeded random stream. Agent k draws from seed + 1000 k."""
 
     def __init__(self, actor: int = 0, seed: int = 0, hidden: int = 32):
-        self.actor, self.hidden = actor, hidden
-        self.set_weights(torch.zeros(7 * hidden + 2))  # uniform until the learner's weights arrive
+        self.actor, self.shapes = actor, action_head_shapes(hidden)
+        self.cuts = np.cumsum([math.prod(shape) for shape in self.shapes])
+        self.set_weights(torch.zeros(int(self.cuts[-1])))  # uniform until the learner's weights arrive
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed + 1000 * self.actor)
 
     def set_weights(self, flat: torch.Tensor) -> None:
-        h = self.hidden
-        w1, b1, w2, b2 = np.split(flat[:7 * h + 2].double().numpy(), [OBS * h, 5 * h, 7 * h])
-        self.w1, self.b1, self.w2, self.b2 = w1.reshape(h, OBS), b1, w2.reshape(ACTIONS, h), b2
+        pieces = np.split(flat[:self.cuts[-1]].double().numpy(), self.cuts[:-1])
+        self.w1, self.b1, self.w2, self.b2 = (piece.reshape(shape) for piece, shape in zip(pieces, self.shapes))
 
     def act(self, obs: np.ndarray) -> int:
         """Sample from softmax(W2 tanh(W1 obs + b1) + b2): action 1 with probability sigmoid(l1 - l0)."""
