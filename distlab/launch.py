@@ -87,8 +87,8 @@ class _Job:
     """One launch: start or reuse ranks, send the function, gather replies, stream output, end cleanly."""
 
     def __init__(self, run: Run, shape: PoolShape, payload: bytes, timeout: float | None, fresh: bool, monitor,
-                 restarts: int = 0):
-        self.run, self.shape, self.payload = run, shape, payload
+                 restarts: int = 0, quiet: bool = False):
+        self.run, self.shape, self.payload, self.quiet = run, shape, payload, quiet
         self.timeout, self.fresh, self.monitor, self.restarts = timeout, fresh, monitor, restarts
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -175,7 +175,8 @@ class _Job:
             if _pool is not None:
                 self._pool = _pool
                 return _pool
-            print(f"distlab: starting {self.shape.world_size} ranks (python + import torch)...", flush=True)
+            if not self.quiet:
+                print(f"distlab: starting {self.shape.world_size} ranks (python + import torch)...", flush=True)
             _pool = RankPool(self.shape)
             self._pool = _pool
         self._await_ready(self._pool)
@@ -390,7 +391,8 @@ def _check_arguments(fn: Callable, world_size: int, timeout, restarts, kwargs: d
 
 def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: float | None = None,
            live=False, block: bool = True, fresh: bool = False, threads: int | None = None,
-           name: str | None = None, runs_root: str | None = None, restarts: int = 0, **kwargs) -> Run:
+           name: str | None = None, runs_root: str | None = None, restarts: int = 0, quiet: bool = False,
+           **kwargs) -> Run:
     """Run `fn(ctx, **kwargs)` on `world_size` ranks; returns the Run (results, metrics, dir).
 
     backend: "auto" (NCCL when each rank has its own GPU, gloo otherwise), "gloo" or "nccl".
@@ -401,6 +403,7 @@ def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: flo
     threads: torch threads per rank (default: cores / world_size, at least 1).
     restarts: after a rank fails, run the function again on new ranks up to this many times, in the
         same run folder; `ctx.attempt` counts the tries, so the function can resume from a checkpoint.
+    quiet: no "distlab: ..." status lines (the ranks' own output still shows).
     """
     global _active
     _check_arguments(fn, world_size, timeout, restarts, kwargs)
@@ -419,10 +422,11 @@ def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: flo
         status="running",
     )
     run = Run(run_dir)
-    print(f"distlab: {world_size} rank(s) · {placement.summary} · {threads} torch thread(s) each · "
-          f"run folder {run_dir}", flush=True)
+    if not quiet:
+        print(f"distlab: {world_size} rank(s) · {placement.summary} · {threads} torch thread(s) each · "
+              f"run folder {run_dir}", flush=True)
     monitor = _monitor(live)
-    job = _Job(run, PoolShape(world_size, placement, threads), payload, timeout, fresh, monitor, restarts)
+    job = _Job(run, PoolShape(world_size, placement, threads), payload, timeout, fresh, monitor, restarts, quiet)
     run._job = job
     _active = job
     if block:

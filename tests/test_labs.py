@@ -34,12 +34,14 @@ def stub(*args, **kwargs):
     raise NotImplementedError
 
 
-def test_a_stub_is_not_attempted_and_recorded(monkeypatch, tmp_path, capsys):
+def test_a_stub_is_not_attempted_and_recorded(monkeypatch, tmp_path):
     progress = tmp_path / "progress.jsonl"
     monkeypatch.setenv("DISTLAB_PROGRESS", str(progress))
     verdict = labs.check("02.topk_error_feedback", stub)
     assert verdict.status == "not attempted" and not verdict.passed
-    assert "replace `raise NotImplementedError`" in capsys.readouterr().out
+    assert "replace `raise NotImplementedError`" in str(verdict) and "not attempted" in verdict._repr_html_()
+    with pytest.raises(AssertionError, match="not attempted yet"):
+        verdict.require()
     row = json.loads(progress.read_text())
     assert row["exercise"] == "02.topk_error_feedback" and row["status"] == "not attempted"
     assert oct(progress.stat().st_mode & 0o777) == "0o600"

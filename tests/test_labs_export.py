@@ -36,7 +36,7 @@ def test_nbgrader_releases_without_solutions_and_autogrades_the_real_checks(tmp_
     assert len(solutions) == len(checks) == 3
     assert not any("BEGIN SOLUTION" in "".join(c["source"]) for c in cells)
     assert all("raise NotImplementedError()" in "".join(c["source"]) for c in solutions)
-    assert all("".join(c["source"]).startswith("assert labs.check(") for c in checks)
+    assert all("".join(c["source"]).startswith("labs.check(") and ".require()" in "".join(c["source"]) for c in checks)
 
     for student, notebook in (("ada", source), ("bob", release)):  # ada hands in the solutions, bob nothing
         handed_in = course / "submitted" / student / "lab02"

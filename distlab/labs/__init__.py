@@ -27,13 +27,11 @@ __all__ = ["ClaimFailed", "Prediction", "Verdict", "all_exercises", "check", "ex
 
 
 def check(exercise: str, fn: Callable, *, figure: bool = True) -> Verdict:
-    """Grade `fn` for `exercise` on real ranks, print the verdict (and draw the figure, if any), record
-    it in the progress file, and return it (`assert labs.check(...).passed` in an autograded cell)."""
+    """Grade `fn` for `exercise` on real ranks, record the outcome in the progress file and return the
+    verdict: shown with its figure as a cell's last line, printable elsewhere, and
+    `labs.check(...).require()` raises with the diagnosis (autograded cells)."""
     verdict = grade(exercise, fn)
     record(verdict)
-    print(verdict)
-    if figure and verdict.figure is not None:
-        from IPython.display import display
-
-        display(verdict.figure)
+    if not figure:
+        verdict.figure = None
     return verdict

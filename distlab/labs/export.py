@@ -4,7 +4,8 @@
 
 writes an nbgrader *source* notebook: each stub gets the reference solution between nbgrader's
 `### BEGIN SOLUTION` / `### END SOLUTION` markers (its solution cell), and each `labs.check(...)` cell
-becomes a locked autograder cell, `assert labs.check(...).passed`, worth one point. Then the usual
+becomes a locked autograder cell, `labs.check(...).require()` (it raises with the diagnosis), worth one
+point. Then the usual
 nbgrader steps apply: `nbgrader generate_assignment` strips the solutions for the students, and
 `nbgrader autograde` runs the real checks on what they hand in. `--lab-only` keeps the imports and the
 Lab section alone (a short assignment that autogrades in seconds).
@@ -80,7 +81,7 @@ def export(notebook: Path, destination: Path, lab_only: bool = False) -> Path:
         _set_source(stubs[function], _with_solution(_source(stubs[function]), function, exercise))
         grade_id = exercise.replace(".", "-")  # nbgrader ids: letters, digits, - and _
         _mark(stubs[function], f"{grade_id}-solution", solution=True, grade=False)
-        _set_source(cell, f'assert labs.check("{exercise}", {function}).passed\n')
+        _set_source(cell, f'labs.check("{exercise}", {function}).require()\n')
         _mark(cell, f"{grade_id}-check", solution=False, grade=True, points=1)
     if lab_only:
         first_code = next(i for i, c in enumerate(cells) if c["cell_type"] == "code")

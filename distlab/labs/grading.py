@@ -10,6 +10,7 @@ turn a crash, a broken rule or a deadlock into a `Wrong` a student can act on), 
 
 from __future__ import annotations
 
+import html
 import importlib
 import importlib.util
 import os
@@ -73,6 +74,30 @@ class Verdict:
         lines += [f"    {line}" for detail in self.details for line in detail.splitlines()]
         lines += [f"    {name}: {value}" for name, value in self.measured.items()]
         return "\n".join(lines)
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        colour = {"passed": "#1a7f37", "wrong": "#cf222e", "not attempted": "#6e7781"}[self.status]
+        mark = {"passed": "✓", "wrong": "✗", "not attempted": "·"}[self.status]
+        rows = [html.escape(d) for d in self.details] + [
+            f"{html.escape(str(k))}: <b>{html.escape(str(v))}</b>" for k, v in self.measured.items()]
+        body = "".join(f"<li style='white-space:pre-wrap'>{row}</li>" for row in rows)
+        return (f"<div style='border-left:4px solid {colour};padding:4px 10px'><b style='color:{colour}'>{mark} "
+                f"{html.escape(self.exercise)}</b> — {html.escape(self.summary)}<ul>{body}</ul></div>")
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display({"text/html": self._repr_html_(), "text/plain": str(self)}, raw=True)
+        if self.figure is not None:
+            display(self.figure)
+
+    def require(self) -> Verdict:
+        """Raise AssertionError with the diagnosis unless passed (for autograded cells); else return self."""
+        if not self.passed:
+            raise AssertionError(str(self))
+        return self
 
 
 @dataclass(frozen=True)
@@ -144,7 +169,7 @@ def on_ranks(rank_fn: Callable, world_size: int, *, timeout: float | None = None
     """dl.launch(rank_fn, world_size, **kwargs), its failures said as the student's mistakes."""
     timeout = timeout or LAB_TIMEOUT
     try:
-        return launch(rank_fn, world_size, timeout=timeout, **kwargs)
+        return launch(rank_fn, world_size, timeout=timeout, quiet=True, **kwargs)
     except RankFailure as failure:
         raise _explain_failure(failure, world_size) from None
     except LaunchTimeout as timeout_error:
