@@ -32,6 +32,9 @@ from .runs import Run, append_lines, new_run_dir, rank_file, write_config, write
 START_TIMEOUT = float(os.environ.get("DISTLAB_START_TIMEOUT", "300"))  # cold start: python + import torch
 FAILURE_GRACE = 0.5  # after a first failure, how long to collect other ranks' reports before choosing the root
 POLL = 0.05
+PUMP_LIMIT = 500  # output lines handled per loop turn, so timeouts and stop() are seen whatever ranks print
+SHOWN_PER_SECOND = 200  # lines per rank printed under a cell (more freezes the browser); all go to the log
+LOG_LIMIT = 10 * 2**20  # bytes of output kept per rank in logs/rank<r>.log
 
 
 class RankFailure(RuntimeError):
@@ -63,9 +66,10 @@ _lock = threading.Lock()
 
 def shutdown() -> None:
     """Stop the warm ranks (a running non-blocking launch is stopped first). The next launch starts new ones."""
-    global _pool
+    global _pool, _active
     if _active is not None:
         _active.stop()
+        _active = None
     with _lock:
         if _pool is not None:
             _pool.close()
@@ -93,7 +97,9 @@ class _Job:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._logs = {}
+        self._logs, self._logged, self._shown = {}, {}, {}  # per rank: log file, bytes kept, print budget
+        self._hidden: dict[int, int] = {}  # lines per rank not printed since the last note
+        self._noted = 0.0
         self._pool: RankPool | None = None
         self._ends = 0  # JOB_END markers seen
 
@@ -112,15 +118,15 @@ class _Job:
                         write_config(self.run.dir, failed_rank=failure.rank)
                         raise
                     self._note_restart(attempt, failure)
-            self._finish("ok", started)
+            _cleanly("record the run's status", self._finish, "ok", started)
         except BaseException as error:
-            self._finish(_status_of(error), started)
+            _cleanly("record the run's status", self._finish, _status_of(error), started)
             raise
         finally:
             for log in self._logs.values():
-                log.close()
+                _cleanly("close a rank's log", log.close)
             if self.monitor is not None:
-                self.monitor.close(self.run)
+                _cleanly("close the live view", self.monitor.close, self.run)
             _active = None
 
     def start_background(self) -> None:
@@ -202,7 +208,7 @@ class _Job:
                 raise LaunchTimeout(f"ranks {sorted(pending)} did not start within {START_TIMEOUT:.0f}s", self.run)
 
     def _dispatch(self, pool: RankPool, attempt: int) -> None:
-        job = Job(self.payload, str(self.run.dir), _interactive_sources(), attempt)
+        job = Job(self.payload, str(self.run.dir), _interactive_sources(), attempt, _users_modules())
         for conn in pool.commands:
             conn.send(job)
 
@@ -264,11 +270,13 @@ class _Job:
         """Print the ranks' new output lines with their rank, append them to the run's logs, refresh the monitor."""
         try:
             item = pool.output.get(timeout=wait) if wait else pool.output.get_nowait()
-            while True:
+            for _ in range(PUMP_LIMIT):
                 self._emit(*item)
                 item = pool.output.get_nowait()
+            self._emit(*item)
         except queue.Empty:
             pass
+        self._note_hidden(pool)
         if self.monitor is not None:
             self.monitor.update(self.run)
 
@@ -276,13 +284,55 @@ class _Job:
         if line is None:
             self._ends += 1
             return
+        self._log(rank, line)
+        if self._may_show(rank):
+            print(f"[rank {rank}] {line}", file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
+        else:
+            self._hidden[rank] = self._hidden.get(rank, 0) + 1
+
+    def _log(self, rank: int, line: str) -> None:
         if rank not in self._logs:
-            self._logs[rank] = append_lines(self.run.dir, "logs", rank)
-        self._logs[rank].write(f"{line}\n")
-        print(f"[rank {rank}] {line}", file=sys.stdout if stream == "stdout" else sys.stderr, flush=True)
+            self._logs[rank], self._logged[rank] = append_lines(self.run.dir, "logs", rank), 0
+        if self._logged[rank] < LOG_LIMIT:
+            self._logs[rank].write(f"{line}\n")
+            self._logged[rank] += len(line) + 1
+            if self._logged[rank] >= LOG_LIMIT:
+                self._logs[rank].write(f"distlab: the log of rank {rank} stops here, at {LOG_LIMIT >> 20} MB\n")
+
+    def _may_show(self, rank: int) -> bool:
+        """A token bucket per rank: SHOWN_PER_SECOND lines a second, bursts up to that many."""
+        now = time.monotonic()
+        tokens, last = self._shown.get(rank, (SHOWN_PER_SECOND, now))
+        tokens = min(SHOWN_PER_SECOND, tokens + (now - last) * SHOWN_PER_SECOND)
+        self._shown[rank] = (tokens - 1, now) if tokens >= 1 else (tokens, now)
+        return tokens >= 1
+
+    def _note_hidden(self, pool: RankPool, every: float = 1.0) -> None:
+        """Once a second at most: how many lines each rank printed that were not shown (or not even queued)."""
+        now = time.monotonic()
+        if now - self._noted < every:
+            return
+        self._noted = now
+        for rank in range(pool.world_size):
+            hidden, dropped = self._hidden.pop(rank, 0), pool.dropped[rank]
+            pool.dropped[rank] = 0
+            if hidden or dropped:
+                kept = f"{hidden} kept in run.logs({rank})" if hidden else ""
+                lost = f"{dropped} dropped while the launcher caught up" if dropped else ""
+                print(f"[rank {rank}] distlab: {hidden + dropped} lines not shown (printing faster than "
+                      f"{SHOWN_PER_SECOND}/s): {'; '.join(x for x in (kept, lost) if x)}", file=sys.stderr,
+                      flush=True)
 
     def _finish(self, status: str, started: float) -> None:
         write_config(self.run.dir, status=status, seconds=round(time.time() - started, 3))
+
+
+def _cleanly(what: str, step: Callable, *args) -> None:
+    """Cleanup that must not wedge the launcher or hide the error being raised: a failure is only reported."""
+    try:
+        step(*args)
+    except Exception as error:
+        print(f"distlab: could not {what}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
 
 
 def where_waiting(stacks: str) -> str:
@@ -345,6 +395,22 @@ def _interactive_sources() -> dict[str, list[str]]:
     }
 
 
+def _users_modules() -> dict[str, tuple[int, int]]:
+    """The modules imported from the user's own files (not Python's, not installed packages, not distlab),
+    each with its file's (mtime_ns, size): a warm rank reloads one whose file changed (worker.py)."""
+    here, stamps = os.path.dirname(__file__), {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not path or not path.endswith(".py") or _is_library(path) or path.startswith(here):
+            continue
+        try:
+            status = os.stat(path)
+        except OSError:
+            continue
+        stamps[name] = (status.st_mtime_ns, status.st_size)
+    return stamps
+
+
 def _code_keeping_filename(code: types.CodeType):
     rebuild, args = cloudpickle.cloudpickle._code_reduce(code)
     return rebuild, tuple(code.co_filename if arg == "<dynamic-code>" else arg for arg in args)
@@ -370,11 +436,21 @@ def _pickle(fn: Callable, kwargs: dict) -> bytes:
         ) from error
 
 
-def _check_arguments(fn: Callable, world_size: int, timeout, restarts, kwargs: dict) -> None:
+def max_ranks() -> int:
+    """The most ranks a launch starts without being told to: 4 per core, at least 16 ($DISTLAB_MAX_RANKS)."""
+    return int(os.environ.get("DISTLAB_MAX_RANKS") or max(16, 4 * len(os.sched_getaffinity(0))))
+
+
+def _check_arguments(fn: Callable, world_size: int, timeout, restarts, oversubscribe: bool, kwargs: dict) -> None:
     if not callable(fn):
         raise TypeError(f"fn must be a function taking ctx first, got {type(fn).__name__}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if world_size > max_ranks() and not oversubscribe:
+        raise ValueError(
+            f"world_size={world_size} would start {world_size} Python processes, each importing torch, on "
+            f"{len(os.sched_getaffinity(0))} core(s); the limit here is {max_ranks()}. If you mean it, pass "
+            "oversubscribe=True (or set DISTLAB_MAX_RANKS).")
     if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
         raise ValueError(f"restarts must be an integer >= 0, got {restarts!r}")
     if timeout is not None and not timeout > 0:
@@ -392,7 +468,7 @@ def _check_arguments(fn: Callable, world_size: int, timeout, restarts, kwargs: d
 def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: float | None = None,
            live=False, block: bool = True, fresh: bool = False, threads: int | None = None,
            name: str | None = None, runs_root: str | None = None, restarts: int = 0, quiet: bool = False,
-           **kwargs) -> Run:
+           oversubscribe: bool = False, **kwargs) -> Run:
     """Run `fn(ctx, **kwargs)` on `world_size` ranks; returns the Run (results, metrics, dir).
 
     backend: "auto" (NCCL when each rank has its own GPU, gloo otherwise), "gloo" or "nccl".
@@ -404,9 +480,10 @@ def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: flo
     restarts: after a rank fails, run the function again on new ranks up to this many times, in the
         same run folder; `ctx.attempt` counts the tries, so the function can resume from a checkpoint.
     quiet: no "distlab: ..." status lines (the ranks' own output still shows).
+    oversubscribe: allow more ranks than max_ranks() (4 per core, at least 16).
     """
     global _active
-    _check_arguments(fn, world_size, timeout, restarts, kwargs)
+    _check_arguments(fn, world_size, timeout, restarts, oversubscribe, kwargs)
     placement = place(world_size, backend)
     payload = _pickle(fn, kwargs)
     threads = threads or default_threads(world_size)
@@ -419,7 +496,7 @@ def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: flo
         kwargs={k: repr(v) for k, v in kwargs.items()}, world_size=world_size, backend=placement.backend,
         devices=list(placement.devices), placement=placement.summary, threads=threads,
         torch=torch.__version__, host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"),
-        status="running",
+        status="running", launcher_pid=os.getpid(),
     )
     run = Run(run_dir)
     if not quiet:

@@ -26,6 +26,8 @@ from multiprocessing import Pipe
 import torch
 
 JOB_END = "\x00distlab-job-end"  # a rank writes it on stdout and stderr after each job: "all output is in"
+LINE_LIMIT = 16 * 2**10  # a longer line arrives in pieces of this many bytes
+QUEUE_LIMIT = 2000  # lines waiting for the launcher (all ranks): a flooding rank cannot fill its memory
 BACKENDS = ("auto", "gloo", "nccl")
 STACKS_SIGNAL = signal.SIGUSR1  # "write your threads' stacks into the run folder" (worker.py)
 
@@ -56,6 +58,7 @@ class Job:
     run_dir: str
     sources: dict[str, list[str]]  # the text of notebook cells, so tracebacks can show their lines
     attempt: int  # 0 on the first try, n after n restarts
+    modules: dict[str, tuple[int, int]]  # the user's own modules: (mtime_ns, size) of each file now
 
 
 @dataclass(frozen=True)
@@ -153,39 +156,62 @@ class RankPool:
 
     def __init__(self, shape: PoolShape):
         self.shape = shape
-        world_size, placement, threads = shape.world_size, shape.placement, shape.threads
-        self.world_size = world_size
+        self.world_size = shape.world_size
         self.output: queue.Queue = queue.Queue()  # (rank, stream name, line or None for JOB_END)
-        self.stderr_tail = [deque(maxlen=40) for _ in range(world_size)]
+        self.dropped = [0] * shape.world_size  # lines a rank printed while the queue was full
+        self.stderr_tail = [deque(maxlen=40) for _ in range(shape.world_size)]
         self.procs: list[subprocess.Popen] = []
         self.commands, self.reports, self._readers = [], [], []
-        env = _rank_environment(threads)
         self._folder = tempfile.mkdtemp(prefix="distlab-ranks-")  # mode 0700
-        rendezvous = f"--init-method={_rendezvous(self._folder)}"
-        for rank in range(world_size):
-            cmd_read, cmd_write = Pipe(duplex=False)
-            report_read, report_write = Pipe(duplex=False)
-            argv = [sys.executable, "-m", "distlab.worker", f"--rank={rank}", f"--world-size={world_size}",
-                    rendezvous, f"--backend={placement.backend}", f"--device={placement.devices[rank]}",
-                    f"--threads={threads}", f"--cmd-fd={cmd_read.fileno()}", f"--report-fd={report_write.fileno()}"]
+        try:
+            env, rendezvous = _rank_environment(shape.threads), _rendezvous(self._folder)
+            for rank in range(shape.world_size):
+                self._start(rank, env, rendezvous)
+        except BaseException:  # Ctrl-C, EMFILE, ... while starting rank k: end the k already started
+            self.kill()
+            raise
+
+    def _start(self, rank: int, env: dict, rendezvous: str) -> None:
+        cmd_read, cmd_write = Pipe(duplex=False)
+        report_read, report_write = Pipe(duplex=False)
+        argv = [sys.executable, "-m", "distlab.worker", f"--rank={rank}", f"--world-size={self.world_size}",
+                f"--init-method={rendezvous}", f"--backend={self.shape.placement.backend}",
+                f"--device={self.shape.placement.devices[rank]}", f"--threads={self.shape.threads}",
+                f"--cmd-fd={cmd_read.fileno()}", f"--report-fd={report_write.fileno()}"]
+        try:
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     pass_fds=(cmd_read.fileno(), report_write.fileno()), start_new_session=True)
-            cmd_read.close()
+        except BaseException:
+            cmd_write.close()
+            report_read.close()
+            raise
+        finally:
+            cmd_read.close()  # the rank's ends: only the rank holds them now
             report_write.close()
-            self.procs.append(proc)
-            self.commands.append(cmd_write)
-            self.reports.append(report_read)
-            for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-                reader = threading.Thread(target=self._read, args=(rank, name, stream), daemon=True)
-                reader.start()
-                self._readers.append(reader)
+        self.procs.append(proc)
+        self.commands.append(cmd_write)
+        self.reports.append(report_read)
+        for name, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            reader = threading.Thread(target=self._read, args=(rank, name, stream), daemon=True)
+            reader.start()
+            self._readers.append(reader)
 
     def _read(self, rank: int, name: str, stream) -> None:
-        for raw in iter(stream.readline, b""):
+        """Queue the rank's lines; a line that ends without a newline before JOB_END still counts as one.
+        While the launcher is behind (a rank printing as fast as it can), lines are counted, not queued."""
+        for raw in iter(lambda: stream.readline(LINE_LIMIT), b""):
             line = raw.decode(errors="replace").rstrip("\n")
-            if name == "stderr" and line != JOB_END:
-                self.stderr_tail[rank].append(line)
-            self.output.put((rank, name, None if line == JOB_END else line))
+            ended = line.endswith(JOB_END)
+            line = line[: -len(JOB_END)] if ended else line
+            if line or not ended:
+                if name == "stderr":
+                    self.stderr_tail[rank].append(line)
+                if self.output.qsize() < QUEUE_LIMIT:
+                    self.output.put((rank, name, line))
+                else:
+                    self.dropped[rank] += 1
+            if ended:
+                self.output.put((rank, name, None))
         stream.close()
 
     def alive(self) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import time
 from pathlib import Path
 
@@ -36,14 +37,21 @@ def runs_folder(root: str | os.PathLike | None = None) -> Path:
 
 
 def new_run_dir(name: str, root: str | os.PathLike | None = None) -> Path:
-    """A new, empty run folder under `runs_folder(root)`."""
-    return make_run_dir(runs_folder(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(2)}")
+    """A new, empty run folder under `runs_folder(root)`; never one that exists (two runs never merge)."""
+    while True:
+        path = runs_folder(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{secrets.token_hex(4)}"
+        try:
+            return make_run_dir(path, new=True)
+        except FileExistsError:
+            continue
 
 
-def make_run_dir(path: str | os.PathLike) -> Path:
-    """Create the folder, readable by this user only: logs and results can hold anything."""
+def make_run_dir(path: str | os.PathLike, new: bool = False) -> Path:
+    """Create the folder, readable by this user only: logs and results can hold anything. `new`: it must
+    not exist yet (torchrun's ranks share one folder, so they pass new=False)."""
     path = Path(path).resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(exist_ok=not new)
     path.chmod(0o700)
     for sub in PER_RANK:
         (path / sub).mkdir(exist_ok=True)
@@ -121,8 +129,12 @@ class Run:
 
     @property
     def status(self) -> str:
-        """running, ok, failed, timeout, interrupted or stopped."""
-        return self.config["status"]
+        """running, ok, failed, timeout, interrupted or stopped. A run whose launching process is gone
+        while its folder still says running (the kernel was killed) is interrupted."""
+        config = self.config
+        if config["status"] == "running" and not _alive(config.get("launcher_pid"), config.get("host")):
+            return "interrupted"
+        return config["status"]
 
     @property
     def results(self) -> list:
@@ -185,6 +197,19 @@ class Run:
         from .viz.figures import training_figure
 
         return training_figure(self)
+
+
+def _alive(pid: int | None, host: str | None) -> bool:
+    """Is the process that launched a run still there? (Unknown, or on another machine: assume so.)"""
+    if pid is None or host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_run(path: str | os.PathLike) -> Run:

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import importlib
 import linecache
 import os
 import queue
+import random
+import shutil
 import signal
 import sys
 import threading
@@ -22,6 +25,7 @@ from datetime import timedelta
 from multiprocessing.connection import Connection
 
 import cloudpickle
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -42,16 +46,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def end_this_rank() -> None:
-    os.killpg(0, signal.SIGKILL)  # this rank and every process it started
+def end_this_rank(scratch: str | None = None) -> None:
+    """This rank and every process it started. Rank 0 also removes the pool's scratch folder, which
+    nobody else will once the launcher is gone."""
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
+    os.killpg(0, signal.SIGKILL)
 
 
-def read_commands(commands: Connection, jobs: queue.Queue) -> None:
+def read_commands(commands: Connection, jobs: queue.Queue, scratch: str | None) -> None:
     while True:
         try:
             jobs.put(commands.recv())
         except (EOFError, OSError):  # the launching process is gone
-            end_this_rank()
+            end_this_rank(scratch)
+
+
+def scratch_folder(args: argparse.Namespace) -> str | None:
+    """The pool's private rendezvous folder (ranks.py), for rank 0 to clean up."""
+    if args.rank != 0 or not args.init_method.startswith("file://"):
+        return None
+    folder = os.path.dirname(args.init_method[len("file://"):])
+    return folder if os.path.basename(folder).startswith("distlab-ranks-") else None
 
 
 def join_process_group(args: argparse.Namespace, device: torch.device) -> None:
@@ -91,18 +107,50 @@ def dump_stacks_on_request(run_dir: str, rank: int):
     return stacks
 
 
+_loaded: dict[str, tuple[int, int]] = {}  # module -> (mtime_ns, size) of its file when this rank ran it
+
+
+def reload_edited_modules(files: dict[str, tuple[int, int]]) -> None:
+    """A warm rank runs the user's modules as they are now: cloudpickle ships their functions by name, so a
+    module whose file changed since this rank last ran it is reloaded first."""
+    for name, stamp in files.items():
+        module = sys.modules.get(name)
+        if module is not None and _loaded.get(name, stamp) != stamp:
+            importlib.reload(module)
+        _loaded[name] = stamp
+
+
+class FreshState:
+    """What one job may change in a warm rank's torch that the next job must not inherit: the default
+    dtype and device, the thread count, grad mode, the random streams."""
+
+    def __init__(self, threads: int):
+        self.threads, self.rng = threads, (torch.get_rng_state(), random.getstate(), np.random.get_state())
+
+    def restore(self) -> None:
+        torch.set_default_dtype(torch.float32)
+        torch.set_default_device(None)
+        torch.set_num_threads(self.threads)
+        torch.set_grad_enabled(True)
+        torch.set_rng_state(self.rng[0])
+        random.setstate(self.rng[1])
+        np.random.set_state(self.rng[2])
+
+
 def run_job(args, device: torch.device, job: Job) -> Done | Failed:
     install_sources(job.sources)
+    reload_edited_modules(job.modules)
     ctx = Context(args.rank, args.world_size, device, args.backend, job.run_dir, attempt=job.attempt)
-    stacks = dump_stacks_on_request(job.run_dir, args.rank)
+    stacks, me = dump_stacks_on_request(job.run_dir, args.rank), os.getpid()
     try:
         fn, kwargs = cloudpickle.loads(job.payload)
         dist.barrier()
         result = fn(ctx, **kwargs)
+        leave_if_forked(me)
         ctx.finish()
-        save_result(job.run_dir, args.rank, result)
-        return Done(args.rank)
+        return save(job.run_dir, args.rank, result)
     except BaseException as error:
+        leave_if_forked(me)
         frames = error.__traceback__.tb_next  # start at the user's function, not at this one
         details = "".join(traceback.format_exception(type(error), error, frames))
         return Failed(args.rank, time.time(), details, is_comm_error(error))
@@ -115,18 +163,36 @@ def run_job(args, device: torch.device, job: Job) -> Done | Failed:
             stream.flush()
 
 
+def leave_if_forked(rank_pid: int) -> None:
+    """A child the user's function forked has returned from it: it must not report on the rank's pipe."""
+    if os.getpid() != rank_pid:
+        os._exit(0)
+
+
+def save(run_dir: str, rank: int, result) -> Done | Failed:
+    try:
+        save_result(run_dir, rank, result)
+    except Exception as error:
+        return Failed(rank, time.time(), f"the return value of rank {rank} could not be pickled: "
+                      f"{type(result).__name__} ({type(error).__name__}: {error}). Return tensors, numbers, "
+                      "lists and dicts of them; create anything else on the launching side.", False)
+    return Done(rank)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     faulthandler.enable()  # a segfault still shows the Python stack on stderr
     commands = Connection(args.cmd_fd, writable=False)
     reports = Connection(args.report_fd, readable=False)
     jobs: queue.Queue = queue.Queue()
-    threading.Thread(target=read_commands, args=(commands, jobs), daemon=True).start()
+    threading.Thread(target=read_commands, args=(commands, jobs, scratch_folder(args)), daemon=True).start()
     device = torch.device(args.device)
     join_process_group(args, device)
+    fresh = FreshState(args.threads)
     reports.send(Ready(args.rank, os.getpid(), str(device), args.threads))
     while isinstance(job := jobs.get(), Job):
         reports.send(run_job(args, device, job))
+        fresh.restore()
     os._exit(0)  # Exit: skip interpreter teardown, the launcher is waiting
 
 

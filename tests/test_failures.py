@@ -112,7 +112,8 @@ LAUNCHER = textwrap.dedent("""
 
 def _start_launcher(tmp_path) -> tuple[subprocess.Popen, list[int]]:
     """A separate launching process (a stand-in for a kernel), once both its ranks are running the job."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
+    (tmp_path / "tmp").mkdir(exist_ok=True)  # where the ranks' private scratch folder goes
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path]), "TMPDIR": str(tmp_path / "tmp")}
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     pids, deadline = [], time.monotonic() + 120
@@ -139,5 +140,7 @@ def test_sigkill_of_the_launcher_ends_its_ranks_and_keeps_what_was_logged(tmp_pa
     proc.wait(timeout=10)
     assert gone(pids, within=5)
     (folder,) = [p for p in runs_root.iterdir() if "hang_in_collective" in p.name]
-    logged = dl.load_run(folder).metrics
-    assert sorted(logged["rank"]) == [0, 1] and list(logged["loss"]) == [1.0, 1.0]
+    run = dl.load_run(folder)
+    assert sorted(run.metrics["rank"]) == [0, 1] and list(run.metrics["loss"]) == [1.0, 1.0]
+    assert run.status == "interrupted"  # its config still says running; its launcher is gone
+    assert not list((tmp_path / "tmp").glob("distlab-ranks-*"))  # rank 0 removed the pool's scratch folder
