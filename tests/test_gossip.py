@@ -102,6 +102,13 @@ def assert_average_kept(run):
 
 
 @pytest.mark.timeout(120)
+def sent_as_counted(run) -> list[int]:
+    """Bytes each rank really sent in gossip's isend calls, from the run's comm table (not the formula)."""
+    comm = run.comm
+    sends = comm[(comm["op"] == "send") & (comm["tag"] == "train")]
+    return [int(sends[sends["rank"] == r]["bytes"].sum()) for r in range(run.world_size)]
+
+
 @pytest.mark.parametrize("topology", ["ring", "random", "full"])
 def test_consensus_decays_at_the_rate_the_spectral_gap_predicts(topology):
     """lr = 0, different starts: pure gossip averaging on 4 gloo ranks. The distance to the average
@@ -117,6 +124,7 @@ def test_consensus_decays_at_the_rate_the_spectral_gap_predicts(topology):
     assert xi[0] > 1.0
     assert_average_kept(run)
     assert all(r["sent_bytes"] == 12 * len(topo.graph(topology, 4)[i]) * PAYLOAD for i, r in enumerate(run.results))
+    assert sent_as_counted(run) == [12 * len(topo.graph(topology, 4)[i]) * PAYLOAD for i in range(4)]
 
 
 @pytest.mark.timeout(120)
@@ -129,6 +137,7 @@ def test_randomized_pairwise_gossip_keeps_the_average_and_reaches_consensus():
     assert all(xi[t + 1] <= xi[t] * (1 + 1e-6) for t in range(12)) and xi[12] < 1e-6 * xi[0]
     assert_average_kept(run)
     assert [r["sent_bytes"] for r in run.results] == [12 * PAYLOAD] * 4
+    assert sent_as_counted(run) == [12 * PAYLOAD] * 4
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +171,10 @@ def test_bytes_sent_per_rank_match_the_algorithm(trained):
     assert sent["pairwise"] == [100 * PAYLOAD] * 4  # on a 4-ring a greedy matching pairs everyone
     comm = trained["all-reduce"].comm
     assert comm.groupby("rank")["bytes"].sum().tolist() == [100 * PAYLOAD] * 4  # the payload, counted by ctx.comm
-    for name in ("ring", "full", "pairwise"):
+    for name in ("ring", "full", "pairwise", "ring, mix every 4"):
         per_step = trained[name].metrics.dropna(subset=["loss"]).groupby("rank")["sent_bytes"].sum()
         assert per_step.tolist() == sent[name]
+        assert sent_as_counted(trained[name]) == sent[name]  # the transfers themselves, counted by ctx.comm
 
 
 @pytest.mark.timeout(200)

@@ -5,8 +5,9 @@ same learning rate and per-rank batch, and the same number of examples processed
 passes over the training set, summed over ranks). Each architecture runs on `world_size` ranks through
 its own module's entry point, and its row reads that module's own accounting:
 
-- all-reduce data parallel, gossip D-PSGD on a ring and on the full graph: `gossip.train`, whose
-  `sent_bytes` are the ring all-reduce's 2(N-1)/N of the payload, or one payload per neighbour;
+- all-reduce data parallel, gossip D-PSGD on a ring and on the full graph: `gossip.train`; gossip's
+  bytes are the sends the run's comm table counted (one payload per neighbour per mixing step), the
+  all-reduce's the ring model's 2(N-1)/N of the payload (gloo's own transfers are not observable);
 - parameter server, sync (BSP) and async (ASP), rank 0 serving, the others working:
   `parameter_server.train`, the server's `bytes_in` (what each worker sent) and `bytes_out`;
 - federated averaging, rank 0 aggregating, one client per other rank, one local epoch per round:
@@ -102,8 +103,16 @@ def run_gossip(name: str, task: Task, algorithm: str, topology: str, timeout: fl
     res = run.results
     consensus = run.metrics.query("rank == 0 and step >= 1")["consensus"]  # every rank logs the same value
     return _row(name, run, samples=sum(r["steps"] for r in res) * task.batch, updates=res[0]["steps"],
-                syncs=res[0]["steps"], bytes_by_rank=[r["sent_bytes"] for r in res],
+                syncs=res[0]["steps"], bytes_by_rank=_sent(run) if algorithm != "allreduce"
+                else [r["sent_bytes"] for r in res],
                 accuracy=sum(r["accuracy"] for r in res) / len(res), drift=float(consensus.mean()))
+
+
+def _sent(run) -> list[int]:
+    """Bytes each rank sent, as the run's comm table counted them."""
+    comm = run.comm
+    sends = comm[(comm["op"] == "send") & (comm["tag"] == "train")].groupby("rank")["bytes"].sum()
+    return [int(sends.get(r, 0)) for r in range(run.world_size)]
 
 
 def run_parameter_server(name: str, task: Task, mode: str, timeout: float, **options) -> dict:

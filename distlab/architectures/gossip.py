@@ -27,13 +27,14 @@ from . import topology as topo
 ALGORITHMS = ("dpsgd", "pairwise", "allreduce")
 
 
-def exchange(flat: torch.Tensor, peers: list[int]) -> dict[int, torch.Tensor]:
-    """Send x to every peer and receive each peer's x, all posted at once (isend/irecv): no send
-    order can deadlock, and the transfers to different neighbours run together."""
+def exchange(flat: torch.Tensor, peers: list[int], comm=None) -> dict[int, torch.Tensor]:
+    """Send x to every peer and receive each peer's x, all posted at once (isend/irecv): no send order can
+    deadlock, and different neighbours run together. Through `comm` (ctx.comm) run.comm counts each one."""
     inbox = {j: torch.empty_like(flat) for j in peers}
-    works = [dist.isend(flat, j) for j in peers] + [dist.irecv(inbox[j], j) for j in peers]
-    for work in works:
-        work.wait()
+    send, receive = (comm.isend, comm.irecv) if comm is not None else (dist.isend, dist.irecv)
+    pending = [send(flat, j) for j in peers] + [receive(inbox[j], j) for j in peers]
+    for transfer in pending:
+        transfer.wait()
     return inbox
 
 
@@ -143,7 +144,7 @@ def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 20
                 w = (fixed_w(alive) if algorithm == "dpsgd"
                      else topo.pairwise_matrix(topo.random_matching(graph, matchings, alive)))
                 peers = [j for j in range(n) if j != rank and w[rank, j] > 0]
-                flat = mix(rank, flat, exchange(flat, peers), w)
+                flat = mix(rank, flat, exchange(flat, peers, ctx.comm), w)
                 step_bytes = len(peers) * payload
         vector_to_parameters(flat, model.parameters())
         sent, taken = sent + step_bytes, step
