@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import distlab as dl
-from conftest import rank_processes
+from conftest import gone, rank_processes
 from rank_fns import add
 
 
@@ -158,6 +158,8 @@ def test_stop_ends_a_non_blocking_launch_and_its_ranks(no_ranks_left):
 
     run = dl.launch(forever, world_size=2, block=False)
     time.sleep(1)
+    pids = [p.pid for p in rank_processes()]
+    assert len(pids) == 2
     run.stop()
     assert run.status == "stopped"
-    dl.shutdown()
+    assert gone(pids, within=5)  # stop() itself ended them: no shutdown() before the check
