@@ -62,3 +62,11 @@ def test_bad_arguments_are_refused_with_the_allowed_values():
         collectives.all_reduce(torch.ones(2), algorithm="butterfly")
     with pytest.raises(ValueError, match="op must be one of"):
         collectives.ring_all_reduce(torch.ones(2), op=dist.ReduceOp.BAND)
+
+
+def test_the_ring_receives_on_the_tensor_s_device():
+    """Its kept receive buffer follows the tensor's dtype and device (a CUDA tensor must not receive into
+    host memory); the meta device stands in for a GPU on CPU-only machines."""
+    buffer = collectives._scratch(10, torch.empty(3, device="meta", dtype=torch.float16))
+    assert buffer.device.type == "meta" and buffer.dtype == torch.float16 and buffer.numel() == 10
+    assert collectives._scratch(4, torch.empty(1)).device.type == "cpu"

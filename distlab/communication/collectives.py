@@ -112,14 +112,16 @@ def _segments(chunk: torch.Tensor) -> int:
     return max(1, min(chunk.numel(), -(-nbytes(chunk) // SEGMENT_BYTES)))
 
 
-_scratch_buffers: dict[torch.dtype, torch.Tensor] = {}
+_scratch_buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A receive buffer kept between calls: a fresh 32 MB one would cost its page faults every time."""
-    buffer = _scratch_buffers.get(dtype)
+def _scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A receive buffer of `like`'s dtype on its device, kept between calls: a fresh 32 MB one would cost
+    its page faults every time."""
+    key = (like.dtype, like.device)
+    buffer = _scratch_buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = _scratch_buffers[dtype] = torch.empty(numel, dtype=dtype)
+        buffer = _scratch_buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
     return buffer[:numel]
 
 
@@ -129,7 +131,7 @@ def _ring_pass(parts: list[torch.Tensor], start: int, events: Events | None, pha
     from the left, reducing into it (reduce-scatter) or overwriting it (all-gather)."""
     rank, n = dist.get_rank(), dist.get_world_size()
     right, left = (rank + 1) % n, (rank - 1) % n
-    buffer = _scratch(max(p.numel() for p in parts), parts[0].dtype) if reduce else None
+    buffer = _scratch(max(p.numel() for p in parts), parts[0]) if reduce else None
     for s in range(n - 1):
         out, into = (start - s) % n, (start - s - 1) % n
         if reduce:
