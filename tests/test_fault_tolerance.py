@@ -1,16 +1,16 @@
 """Fault tolerance: checkpoints, restarts (dl.launch and torchrun), stragglers, live fault orders,
-more than one node, and what listens on the network."""
+more than one node, and the fault control's privacy (tests/test_security.py: what listens on the network)."""
 
 import os
 import stat
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
 import distlab as dl
-from conftest import rank_processes
 from distlab import multinode
 from distlab.models import largest_difference
 from distlab.resilience import training as resilience
@@ -137,17 +137,14 @@ def _listening(pids) -> list[str]:
     return found
 
 
-@pytest.mark.timeout(120)
-def test_ranks_and_stores_listen_on_loopback_only_and_run_folders_are_private():
-    def probe(ctx):
-        time.sleep(1.0)  # every rank alive while the test looks
-
-    run = dl.launch(probe, 2, block=False, timeout=60)
-    time.sleep(0.5)
-    addresses = _listening([p.pid for p in rank_processes()])
-    run.wait()
+def test_the_fault_control_is_a_private_file_and_listens_on_no_socket():
+    """Anyone who can write to the control can kill a student's ranks: only its owner may open it."""
+    before = _listening([os.getpid()])
     control = FaultControl()
-    addresses += _listening([os.getpid()])
-    assert control.address.startswith("127.0.0.1:")
-    assert addresses and all(ip in ("127.0.0.1", "::1") for ip in addresses), addresses
-    assert stat.S_IMODE(run.dir.stat().st_mode) == 0o700
+    orders = Path(control.address)
+    control.kill(1)  # written to: the file keeps its mode
+    assert stat.S_IMODE(orders.parent.stat().st_mode) == 0o700 and list(orders.parent.iterdir()) == [orders]
+    assert stat.S_IMODE(orders.stat().st_mode) == 0o600
+    assert _listening([os.getpid()]) == before  # no TCP socket listens for it
+    control.close()
+    assert not orders.parent.exists()

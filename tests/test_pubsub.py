@@ -1,8 +1,12 @@
 """Publish/subscribe over a ZeroMQ broker: the guarantees the notebook states, checked on real ranks."""
 
+import pickle
+import stat
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
+import torch
 
 import distlab as dl
 from distlab.communication import pubsub
@@ -54,3 +58,22 @@ def test_publishing_does_not_wait_for_a_late_rank_but_a_collective_does(broker):
         assert result["publish_seconds"] < 0.3
         if rank != 0:
             assert result["all_reduce_seconds"] > 0.7  # waited for rank 0
+
+
+def test_messages_travel_as_json_and_a_malformed_frame_is_refused_with_its_reason():
+    assert pubsub.decode([b"metrics", pubsub.encode(0, 1, 2.5, {"step": 1})]) == ("metrics", 0, 1, 2.5, {"step": 1})
+    for frames, reason in [([b"metrics", pickle.dumps((0, 1, 2.5, None))], "not a JSON"),  # never unpickled
+                           ([b"metrics"], "not a topic and one frame"),
+                           ([b"metrics", b'["a", 1, 2.5, null]'], "not a number")]:
+        with pytest.raises(pubsub.Malformed, match=reason):
+            pubsub.decode(frames)
+    with pytest.raises(TypeError, match="body must be JSON.*tolist"):
+        pubsub.encode(0, 0, 0.0, torch.ones(2))
+
+
+def test_the_broker_listens_in_a_folder_only_its_owner_can_open_and_removes_it():
+    with pubsub.Broker() as b:
+        folder = Path(b.folder)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert {b.publish_address, b.subscribe_address} == {f"ipc://{folder}/publish", f"ipc://{folder}/subscribe"}
+    assert not folder.exists()

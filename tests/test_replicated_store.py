@@ -1,5 +1,7 @@
 """The replicated store in its three modes, and the history checker, first on hand-made histories."""
 
+import pickle
+
 import pytest
 
 import distlab as dl
@@ -11,7 +13,17 @@ from distlab.consistency.checker import (
     stale_reads,
     summarize,
 )
-from distlab.consistency.store import INITIAL, History, Op, Store, run_workload
+from distlab.consistency.store import (
+    INITIAL,
+    History,
+    Malformed,
+    Op,
+    Store,
+    decode_reply,
+    decode_request,
+    encode,
+    run_workload,
+)
 
 WORLD = 4
 
@@ -67,6 +79,25 @@ def test_convergence_is_every_replica_holding_the_winning_write():
 def test_a_bad_mode_is_refused_before_anything_starts():
     with pytest.raises(ValueError, match="mode must be one of"):
         Store(0, 1, "linearizable")
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (pickle.dumps(("read", "x")), "not a JSON"),  # the store never unpickles (tests/test_security.py attacks it)
+    (b'["read", 3]', "a key is not a string"),
+    (b'["replicate", ["x", "a", [1]]]', "a version is not a list of 2"),
+    (b'["gossip", {"x": ["a", [true, 0]]}]', "a version is not two numbers"),
+    (b'["shutdown", null]', "an unknown kind of request"),
+])
+def test_a_malformed_request_is_refused_with_its_reason(raw, reason):
+    with pytest.raises(Malformed, match=reason):
+        decode_request(raw)
+
+
+def test_messages_travel_as_json_with_their_versions_restored_as_tuples():
+    assert decode_request(encode(["gossip", {"x": ["a", (1.5, 2)]}])) == ("gossip", {"x": ("a", (1.5, 2))})
+    assert decode_reply("read", encode(("a", (3, 0)))) == ("a", (3, 0))
+    with pytest.raises(TypeError, match="values must be str, numbers"):
+        encode(["write", ["x", {1, 2}]])
 
 
 # -- real ranks ---------------------------------------------------------------------------------

@@ -4,18 +4,26 @@ The broker forwards from an XSUB socket (publishers connect) to an XPUB socket (
 in a thread of the launching process. What this gives, and what it does not:
 
 - per-publisher FIFO: one publisher's messages reach a subscriber in the order they were published
-  (one TCP stream to the broker, one from it; the proxy forwards in order). No order across publishers.
+  (one stream to the broker, one from it; the proxy forwards in order). No order across publishers.
 - at-most-once: nothing is retried, so nothing is duplicated, but messages can be lost: published
   before the subscription reached the publisher (the "slow joiner"), or past a high-water mark when a
   subscriber cannot keep up. `handshake()` closes the first gap: every rank hears from every
   publisher before anyone publishes for real.
 - no coupling: publish() returns at once, whoever listens or not; a collective waits for every rank.
+
+On a shared server: the broker's two sockets are ipc:// (Unix) sockets in a folder only this user can open
+(mode 0700, removed on close), and a message is a topic and a JSON [publisher, seq, sent_at, body], never a
+pickle, so a body must be JSON (a tensor travels as tensor.tolist()). A subscriber refuses a malformed
+frame, says so once per reason on stderr, and keeps listening.
 """
 
 from __future__ import annotations
 
-import pickle
+import json
 import queue
+import shutil
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +33,10 @@ import torch.distributed as dist
 import zmq
 
 HELLO = "_hello"  # the handshake's topic; every subscriber hears it, apart from its messages
+
+
+class Malformed(ValueError):
+    """A frame that is not a published message; str(error) is the reason, one per kind of fault."""
 
 
 @dataclass
@@ -38,15 +50,16 @@ class Message:
 
 
 class Broker:
-    """An XSUB/XPUB forwarder on 127.0.0.1 in a background thread; `with Broker() as b:` stops it."""
+    """An XSUB/XPUB forwarder in a background thread, on ipc:// sockets in a private folder (mkdtemp: mode
+    0700) that only this user can open; `with Broker() as b:` stops it and removes the folder."""
 
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self):
         self._context = zmq.Context()
         self._frontend, self._backend = self._context.socket(zmq.XSUB), self._context.socket(zmq.XPUB)
-        self._frontend.bind(f"tcp://{host}:0")  # port 0: a free port, picked by the OS
-        self._backend.bind(f"tcp://{host}:0")
-        self.publish_address = self._frontend.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.subscribe_address = self._backend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.folder = tempfile.mkdtemp(prefix="distlab-broker-")
+        self.publish_address, self.subscribe_address = f"ipc://{self.folder}/publish", f"ipc://{self.folder}/subscribe"
+        self._frontend.bind(self.publish_address)
+        self._backend.bind(self.subscribe_address)
         self._control = self._context.socket(zmq.PAIR)
         self._control.bind(f"inproc://control-{id(self)}")
         self._thread = threading.Thread(target=self._forward, daemon=True)
@@ -64,6 +77,7 @@ class Broker:
         for sock in (self._control, self._frontend, self._backend):
             sock.close(linger=0)
         self._context.term()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> Broker:
         return self
@@ -91,10 +105,36 @@ class Publisher:
         self._send(HELLO, -1, None)
 
     def _send(self, topic: str, seq: int, body: object) -> None:
-        self._socket.send_multipart([topic.encode(), pickle.dumps((self.name, seq, time.time(), body))])
+        self._socket.send_multipart([topic.encode(), encode(self.name, seq, time.time(), body)])
 
     def close(self) -> None:
         self._socket.close(linger=1000)
+
+
+def encode(publisher: int, seq: int, sent_at: float, body: object) -> bytes:
+    """A message's JSON frame; a body JSON cannot hold is refused here, on the publisher."""
+    try:
+        return json.dumps([publisher, seq, sent_at, body]).encode()
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"body must be JSON (str, numbers, bool, None, lists, dicts with str keys; a tensor as "
+                        f"tensor.tolist()): {error}") from None
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def decode(frames: list[bytes]) -> tuple[str, int, int, float, object]:
+    """(topic, publisher, seq, sent_at, body) of a received message, or Malformed."""
+    if len(frames) != 2:
+        raise Malformed("not a topic and one frame")
+    try:
+        topic, (publisher, seq, sent_at, body) = frames[0].decode(), json.loads(frames[1])
+    except (ValueError, TypeError, RecursionError):
+        raise Malformed("not a JSON [publisher, seq, sent_at, body]") from None
+    if not (_is_int(publisher) and _is_int(seq) and isinstance(sent_at, (int, float))):
+        raise Malformed("publisher, seq or sent_at is not a number")
+    return topic, publisher, seq, sent_at, body
 
 
 class Subscriber:
@@ -102,6 +142,7 @@ class Subscriber:
 
     def __init__(self, address: str, topics: list[str], receive_hwm: int = 1000):
         self.heard: set[int] = set()  # publishers whose hello arrived
+        self.refused: dict[str, int] = {}  # reason -> malformed frames refused
         self._messages: queue.Queue[Message] = queue.Queue()
         self._stop = threading.Event()
         ready = threading.Event()
@@ -118,13 +159,27 @@ class Subscriber:
         ready.set()
         while not self._stop.is_set():
             if sock.poll(20):
-                topic, raw = sock.recv_multipart()
-                publisher, seq, sent_at, body = pickle.loads(raw)
-                if topic.decode() == HELLO:
-                    self.heard.add(publisher)
-                else:
-                    self._messages.put(Message(topic.decode(), publisher, seq, sent_at, time.time(), body))
+                self._take_in(sock.recv_multipart())
         sock.close(linger=0)
+
+    def _take_in(self, frames: list[bytes]) -> None:
+        """One received frame: a hello, a message for the queue, or refused."""
+        try:
+            topic, publisher, seq, sent_at, body = decode(frames)
+        except Malformed as error:
+            self._refuse(str(error))
+            return
+        if topic == HELLO:
+            self.heard.add(publisher)
+        else:
+            self._messages.put(Message(topic, publisher, seq, sent_at, time.time(), body))
+
+    def _refuse(self, reason: str) -> None:
+        """Count a refused frame; say so on stderr the first time for each reason (a flood stays one line)."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        if self.refused[reason] == 1:
+            print(f"distlab pub/sub: refused a message ({reason}); more like it are refused without a word",
+                  file=sys.stderr, flush=True)
 
     def take(self, count: int, timeout: float = 10.0) -> list[Message]:
         """Up to `count` messages, waiting at most `timeout` seconds in all (fewer if some were lost)."""

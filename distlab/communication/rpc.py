@@ -3,6 +3,12 @@
 A collective needs every rank at the same call; an RPC is one rank asking another to run a function
 (rpc_sync / rpc_async) or to keep an object for it (rpc.remote returns an RRef: a handle to an object
 that lives on its owner). Parameter servers (notebook 03) are built this way.
+
+Where it listens: the ranks meet through a file in the run folder (mode 0700), not a tcp:// rendezvous,
+whose TCPStore on rank 0 would listen on every interface; TensorPipe's own sockets stay on loopback
+(dl.launch sets TP_SOCKET_IFNAME). TensorPipe has no authentication and carries pickled calls, so
+other users of this machine can still reach those loopback sockets: on a shared server, RPC is for
+trusted users only.
 """
 
 from __future__ import annotations
@@ -10,10 +16,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch.distributed import rpc
-
-from ..ranks import free_port
 
 
 def available() -> bool:
@@ -25,20 +28,17 @@ def worker(rank: int) -> str:
     return f"worker{rank}"
 
 
-def _free_port_agreed() -> int:
-    """RPC needs its own rendezvous: rank 0 picks a free port, the process group tells the others."""
-    port = torch.zeros(1, dtype=torch.int64)
-    if dist.get_rank() == 0:
-        port[0] = free_port()
-    dist.broadcast(port, src=0)
-    return int(port.item())
+def rendezvous(ctx) -> str:
+    """RPC needs its own rendezvous: a file in the run folder, which only this user can open, one per
+    attempt (a restart must not read the last attempt's). A tcp:// one would listen on every interface."""
+    return f"file://{ctx.run_dir / f'rpc-store-{ctx.attempt}'}"
 
 
 _started_before = False  # torch.distributed.rpc does not start again in a process where it was shut down
 
 
 def start(ctx, timeout: float = 60.0) -> None:
-    """rpc.init_rpc on every rank of the launch, as worker<rank>, over TensorPipe on 127.0.0.1.
+    """rpc.init_rpc on every rank of the launch, as worker<rank>, over TensorPipe on loopback.
 
     Once per process: launch the function with dl.launch(..., fresh=True)."""
     global _started_before
@@ -46,8 +46,7 @@ def start(ctx, timeout: float = 60.0) -> None:
         raise RuntimeError("torch.distributed.rpc cannot be started twice in one process (its RRef state "
                            "outlives rpc.shutdown): launch with dl.launch(..., fresh=True)")
     _started_before = True
-    options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{_free_port_agreed()}",
-                                              rpc_timeout=timeout, num_worker_threads=4)
+    options = rpc.TensorPipeRpcBackendOptions(init_method=rendezvous(ctx), rpc_timeout=timeout, num_worker_threads=4)
     with warnings.catch_warnings():  # init_rpc's own device-map exchange trips a deprecation warning of torch's
         warnings.filterwarnings("ignore", "You are using a Backend", UserWarning)
         rpc.init_rpc(worker(ctx.rank), rank=ctx.rank, world_size=ctx.world_size, rpc_backend_options=options)

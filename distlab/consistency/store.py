@@ -19,16 +19,22 @@ here, so their time.time() clocks are the same clock and the times of different 
 Why ZeroMQ and not torch.distributed send/recv: a store is request/response between any two ranks at
 any moment, while a rank also serves its peers. dist.recv must name the sender and the tensor size in
 advance and blocks the thread; pyzmq gives each rank a ROUTER socket that answers whoever asks, with
-messages of any (pickled) shape and a timeout on every wait. Sockets bind to 127.0.0.1 only; their
-addresses are exchanged once through the gloo group (dist.all_gather_object). Pickle is safe here
-only because every peer is one of our own ranks.
+a timeout on every wait. Addresses are exchanged once through the gloo group (dist.all_gather_object).
+
+On a shared server every other user is a stranger: each socket is an ipc:// (Unix) socket in a folder only
+this user can open (mode 0700, removed on close), and messages are JSON, never pickle, so even a frame
+from a process of our own user can only be refused: values must be JSON (str, numbers, bool, None, lists,
+dicts with str keys). A malformed frame is refused and logged once per reason; the serving thread goes on.
 """
 
 from __future__ import annotations
 
-import pickle
+import json
 import queue
 import random
+import shutil
+import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -41,6 +47,92 @@ MODES = ("strong", "weak", "eventual")
 PRIMARY = 0
 INITIAL = (0, -1)  # the version of a key never written (its value is None)
 POLL_MS = 20  # how often a waiting thread looks at its stop flag
+
+
+# -- the wire: JSON [kind, payload], checked field by field; versions travel as lists --------------------
+
+class Malformed(ValueError):
+    """A frame that is not one of the store's messages. str(error) is the reason, the same for each kind
+    of fault, so each is logged once."""
+
+
+def _fields(raw, count: int, what: str) -> list:
+    if not (isinstance(raw, list) and len(raw) == count):
+        raise Malformed(f"{what} is not a list of {count}")
+    return raw
+
+
+def _key(raw) -> str:
+    if not isinstance(raw, str):
+        raise Malformed("a key is not a string")
+    return raw
+
+
+def _version(raw) -> tuple:
+    parts = _fields(raw, 2, "a version")
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in parts):
+        raise Malformed("a version is not two numbers")
+    return tuple(parts)
+
+
+def _write(raw) -> tuple:
+    key, value = _fields(raw, 2, "a write")
+    return _key(key), value
+
+
+def _entry(raw) -> tuple:
+    key, value, version = _fields(raw, 3, "an update")
+    return _key(key), value, _version(version)
+
+
+def _stored(raw) -> tuple:
+    value, version = _fields(raw, 2, "a stored value")
+    return value, _version(version)
+
+
+def _replica(raw) -> dict:
+    if not isinstance(raw, dict):
+        raise Malformed("a gossiped replica is not an object")
+    return {_key(key): _stored(entry) for key, entry in raw.items()}
+
+
+def _ack(raw) -> str:
+    if raw != "ack":
+        raise Malformed("an acknowledgement is not 'ack'")
+    return raw
+
+
+REQUESTS = {"read": _key, "write": _write, "replicate": _entry, "update": _entry, "gossip": _replica}
+REPLIES = {"read": _stored, "write": _version, "replicate": _ack}  # by the request's kind
+
+
+def encode(message) -> bytes:
+    """JSON bytes; a value JSON cannot hold is refused here, on the sender, with the reason."""
+    try:
+        return json.dumps(message).encode()
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"the replicated store sends JSON: values must be str, numbers, bool, None, lists or "
+                        f"dicts with str keys ({error})") from None
+
+
+def decode_request(raw: bytes) -> tuple[str, object]:
+    """(kind, payload) of a request, tuples restored, or Malformed."""
+    try:
+        kind, payload = json.loads(raw)
+    except (ValueError, TypeError, RecursionError):
+        raise Malformed("not a JSON [kind, payload] pair") from None
+    if not isinstance(kind, str) or kind not in REQUESTS:
+        raise Malformed("an unknown kind of request")
+    return kind, REQUESTS[kind](payload)
+
+
+def decode_reply(kind: str, raw: bytes):
+    """The answer to a request of `kind`, tuples restored, or Malformed."""
+    try:
+        answer = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise Malformed(f"a reply to '{kind}' is not JSON") from None
+    return REPLIES[kind](answer)
 
 
 @dataclass(frozen=True)
@@ -76,8 +168,8 @@ class History:
 class Network:
     """Messages between ranks over ZeroMQ, counted by kind.
 
-    Each rank binds a ROUTER socket (its server). Sockets are not thread-safe, so every thread that
-    sends gets its own DEALER socket per peer.
+    Each rank binds a ROUTER socket (its server) in a private folder (mkdtemp makes it 0700). Sockets are
+    not thread-safe, so every thread that sends gets its own DEALER socket per peer.
     """
 
     def __init__(self, rank: int, timeout: float):
@@ -85,9 +177,11 @@ class Network:
         self.context = zmq.Context()
         self.server = self.context.socket(zmq.ROUTER)
         self.server.setsockopt(zmq.LINGER, 0)
-        self.server.bind("tcp://127.0.0.1:*")
+        self.folder = tempfile.mkdtemp(prefix="distlab-store-")
+        self.server.bind(f"ipc://{self.folder}/rank{rank}")
         self.endpoints: list[str] = []
         self.sent: Counter = Counter()
+        self.refused: Counter = Counter()  # reason -> frames refused
         self._count_lock = threading.Lock()
         self._local = threading.local()
 
@@ -112,7 +206,7 @@ class Network:
 
     def send(self, dst: int, kind: str, payload) -> None:
         """A one-way message."""
-        self._socket(dst).send(pickle.dumps((kind, payload)))
+        self._socket(dst).send(encode([kind, payload]))
         self._count(kind)
 
     def call(self, dst: int, kind: str, payload):
@@ -121,21 +215,35 @@ class Network:
         self.send(dst, kind, payload)
         if not sock.poll(self.timeout * 1000):
             raise TimeoutError(f"rank {self.rank}: no reply from rank {dst} to '{kind}' within {self.timeout}s")
-        return pickle.loads(sock.recv())
+        return decode_reply(kind, sock.recv())
 
     def receive(self) -> tuple | None:
-        """(sender identity, kind, payload) of the next request, or None after POLL_MS."""
+        """(sender identity, kind, payload) of the next request, or None after POLL_MS or a refused frame."""
         if not self.server.poll(POLL_MS):
             return None
-        identity, raw = self.server.recv_multipart()
-        return (identity, *pickle.loads(raw))
+        frames = self.server.recv_multipart()
+        try:
+            if len(frames) != 2:
+                raise Malformed("not one frame")
+            return (frames[0], *decode_request(frames[1]))
+        except Malformed as error:
+            self.refuse(str(error))
+            return None
+
+    def refuse(self, reason: str) -> None:
+        """Count a refused frame; say so on stderr the first time for each reason (a flood stays one line)."""
+        self.refused[reason] += 1
+        if self.refused[reason] == 1:
+            print(f"distlab store, rank {self.rank}: refused a message ({reason}); "
+                  "more like it are refused without a word", file=sys.stderr, flush=True)
 
     def reply(self, identity: bytes, answer) -> None:
-        self.server.send_multipart([identity, pickle.dumps(answer)])
+        self.server.send_multipart([identity, encode(answer)])
         self._count("reply")
 
     def close(self) -> None:
         self.context.destroy(linger=0)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class Replica:
@@ -195,7 +303,8 @@ class Store:
         return self.replica.get(key)
 
     def write(self, key: str, value) -> tuple:
-        """Store value under key; returns the version it got."""
+        """Store value under key (a JSON value: it travels as JSON); returns the version it got."""
+        encode(value)  # refuse what cannot travel here, not later in a gossiping thread
         if self.mode == "eventual":
             version = (time.time(), self.rank)
             self.replica.merge(key, value, version)
@@ -234,13 +343,19 @@ class Store:
         return None
 
     def _serve(self) -> None:
+        """Answer requests until stopped. A request that fails is reported, never the end of serving."""
         while not self._stop.is_set():
             message = self.net.receive()
-            if message is not None:
-                identity, kind, payload = message
+            if message is None:
+                continue
+            identity, kind, payload = message
+            try:
                 answer = self._handle(kind, payload)
                 if answer is not None:
                     self.net.reply(identity, answer)
+            except Exception as error:  # one bad request must not silence the replica
+                print(f"distlab store, rank {self.rank}: a '{kind}' request failed: {error!r}", file=sys.stderr,
+                      flush=True)
 
     def _propagate(self) -> None:
         """Weak mode, on the primary: send each write to the backups once its delay has passed."""

@@ -2,17 +2,20 @@
 
 Ranks call `faults.step_delay(ctx)` inside their compute and `faults.after_step(ctx, step)` after each
 step. Live orders come from a `FaultControl` in the launching process (the notebook's chaos panel)
-through a torch.distributed TCPStore: a real network channel the ranks poll each step, no restart.
+through a torch.distributed FileStore the ranks poll each step, no restart. It is a file in a folder only
+this user can open (0700; the file 0600), not a TCPStore: any local user could write to one of those, and
+kill or slow another student's ranks.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import socket
+import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -21,7 +24,7 @@ import torch.distributed as dist
 class Faults:
     """What to break. kill_at {rank: step}: that rank dies (SIGKILL, no goodbye) after that step, on the
     first attempt only, so a restarted job can get past it. slow_ms {rank: ms}: extra time per step.
-    control: "host:port" of a FaultControl for live orders."""
+    control: the order file of a FaultControl (its `address`), for live orders."""
 
     kill_at: dict[int, int] = field(default_factory=dict)
     slow_ms: dict[int, float] = field(default_factory=dict)
@@ -53,24 +56,34 @@ class Faults:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _order(self, key: str) -> str | None:
-        if self.control is None:
+        if self.control is None or not os.path.exists(self.control):  # no control, or closed since
             return None
         if self._store is None:
-            host, port = self.control.rsplit(":", 1)
-            self._store = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=10))
+            self._store = dist.FileStore(self.control, -1)  # -1: any number of readers, the file stays
         return self._store.get(key).decode() if self._store.check([key]) else None
 
 
 class FaultControl:
-    """Serves live fault orders to running ranks: a TCPStore listening on 127.0.0.1 only (unless host
-    is given), in the process that launched them."""
+    """Serves live fault orders to running ranks on this machine: a FileStore whose file (`address`, mode
+    0600) lies in a folder of its own (mode 0700), removed by close(), `with`, or when garbage collected.
+    No socket: only this user can give orders."""
 
-    def __init__(self, host: str = "127.0.0.1"):
-        self._socket = socket.create_server((host, 0))  # bound first, so the store listens only there
-        port = self._socket.getsockname()[1]
-        self.store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
-                                   master_listen_fd=self._socket.fileno(), timeout=timedelta(seconds=10))
-        self.address = f"{host}:{port}"
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="distlab-faults-")  # mode 0700
+        self.address = os.path.join(self.folder, "orders")
+        os.close(os.open(self.address, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # 0600 before any write
+        self.store = dist.FileStore(self.address, -1)
+        self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def close(self) -> None:
+        """Remove the order file and its folder; ranks still polling it get no more orders."""
+        self._remove()
+
+    def __enter__(self) -> FaultControl:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def faults(self, **planned) -> Faults:
         """A Faults that also obeys this control's live orders; pass it to the training function."""
