@@ -13,6 +13,7 @@ def runs_root(tmp_path, monkeypatch):
     """Each test's run folders go to its own temp dir."""
     root = tmp_path / "runs"
     monkeypatch.setenv("DISTLAB_RUNS", str(root))
+    monkeypatch.setenv("DISTLAB_PROGRESS", str(tmp_path / "progress.jsonl"))  # labs.check records there
     return root
 
 
