@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import importlib
 import importlib.util
+import itertools
 import os
 import threading
 import time
@@ -332,7 +333,36 @@ class _StudentContext:
         return f"ctx(rank={self.rank}, world_size={self.world_size}, device={self.device})"
 
 
+def seconds_against_builtin(ctx, solution: Callable, numel: int, hint: str = "", repeats: int = 3) -> dict:
+    """Median seconds of the student's all-reduce-like `solution(ctx, x)` and of dist.all_reduce, on `numel`
+    float32 numbers: the cost a passing check sets beside the built-in's."""
+    def seconds(call) -> float:
+        times = []
+        for _ in range(repeats):
+            x = torch.ones(numel, device=ctx.device)
+            dist.barrier()
+            start = time.perf_counter()
+            call(x)
+            times.append(time.perf_counter() - start)
+        return sorted(times)[repeats // 2]
+
+    builtin = seconds(dist.all_reduce)
+    with point_to_point_only(ctx, hint) as (student_ctx, _):
+        yours = seconds(lambda x: solution(student_ctx, x))
+    return {"yours_s": yours, "builtin_s": builtin}
+
+
 # -- comparing ----------------------------------------------------------------------------------------
+
+def contributing_ranks(value: torch.Tensor, given: list[torch.Tensor]) -> list[int] | None:
+    """Which ranks' tensors add up to `value`, if some subset does (N <= 4: at most 15 subsets): a partial
+    sum names the ranks a collective missed."""
+    for size in range(1, len(given) + 1):
+        for subset in itertools.combinations(range(len(given)), size):
+            if torch.allclose(torch.stack([given[r] for r in subset]).sum(0).double(), value.double(), atol=1e-5):
+                return list(subset)
+    return None
+
 
 def first_difference(got: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5,
                      rtol: float = 1e-5) -> tuple[tuple[int, ...], float, float] | None:

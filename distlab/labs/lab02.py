@@ -7,14 +7,20 @@ check can say which rank sent what to whom, and count the bytes against the cost
 
 from __future__ import annotations
 
-import itertools
-import time
-
 import torch
-import torch.distributed as dist
 
 from ..communication.cost import chunk_sizes, sent_bytes
-from .grading import Passed, Wrong, call_student, check_tensor, exercise, on_ranks, point_to_point_only
+from .grading import (
+    Passed,
+    Wrong,
+    call_student,
+    check_tensor,
+    contributing_ranks,
+    exercise,
+    on_ranks,
+    point_to_point_only,
+    seconds_against_builtin,
+)
 
 CASES = ((torch.float32, (10,)), (torch.float64, (3, 7)), (torch.int64, (13,)))
 HINT = "The point of the exercise is to build the collective out of point-to-point messages."
@@ -39,26 +45,8 @@ def run_collective(ctx, solution, cases=CASES, timed_numel: int = 0) -> list[dic
                          "returned": returned.cpu() if isinstance(returned, torch.Tensor) else returned,
                          "transfers": list(transfers)})
     if timed_numel:
-        outcomes.append(_timings(ctx, solution, timed_numel))
+        outcomes.append(seconds_against_builtin(ctx, solution, timed_numel, HINT))
     return outcomes
-
-
-def _timings(ctx, fn, numel: int, repeats: int = 3) -> dict:
-    """Median seconds of the student's all-reduce and of dist.all_reduce on `numel` float32 numbers."""
-    def seconds(call) -> float:
-        times = []
-        for _ in range(repeats):
-            x = torch.ones(numel, device=ctx.device)
-            dist.barrier()
-            start = time.perf_counter()
-            call(x)
-            times.append(time.perf_counter() - start)
-        return sorted(times)[repeats // 2]
-
-    builtin = seconds(dist.all_reduce)
-    with point_to_point_only(ctx, HINT) as (student_ctx, _):
-        yours = seconds(lambda x: fn(student_ctx, x))
-    return {"yours_s": yours, "builtin_s": builtin}
 
 
 # -- what the check says about a wrong result ---------------------------------------------------------
@@ -94,7 +82,7 @@ def _explain_chunk(rank: int, after: torch.Tensor, given: list[torch.Tensor], n:
             bad = int((~torch.isclose(flat[window].double(), expected.double(), atol=1e-5)).nonzero()[0]) + start
             detail = (f"element {bad} (flat index; chunk {chunk} = elements {start}..{start + size - 1}) on rank "
                       f"{rank} is {float(flat[bad]):.6g}, should be {float(expected[bad - start]):.6g}")
-            holders = _partial_sum(flat[window], parts, window)
+            holders = contributing_ranks(flat[window], [p[window] for p in parts])
             if holders is not None and len(holders) < n:
                 raise Wrong(f"chunk {chunk} on rank {rank} holds the sum of ranks {sorted(holders)} only: it was "
                             f"added around the ring {len(holders) - 1} time(s), not {n - 1}. Look for an off-by-one in "
@@ -102,16 +90,6 @@ def _explain_chunk(rank: int, after: torch.Tensor, given: list[torch.Tensor], n:
                             "(r - s) % N in reduce-scatter, (r + 1 - s) % N in all-gather)", detail)
             raise Wrong(f"rank {rank}'s result is wrong in chunk {chunk}", detail)
         start += size
-
-
-def _partial_sum(values: torch.Tensor, parts: list[torch.Tensor], window: slice) -> set[int] | None:
-    """Which ranks' chunks add up to `values`, if any subset does (N <= 4: at most 15 subsets)."""
-    for size in range(1, len(parts) + 1):
-        for subset in itertools.combinations(range(len(parts)), size):
-            if torch.allclose(torch.stack([parts[r][window] for r in subset]).sum(0).double(), values.double(),
-                              atol=1e-5):
-                return set(subset)
-    return None
 
 
 def _explain_neighbours(outcomes: list[dict], n: int, case: int) -> None:
