@@ -45,9 +45,12 @@ def test_without_the_handshake_messages_may_be_lost_but_never_duplicated_or_reor
     run = dl.launch(pubsub.exchange, world_size=3, publish_address=broker.publish_address,
                     subscribe_address=broker.subscribe_address, messages=MESSAGES, greet=False, timeout=60)
     for got in run.results:
-        for received in by_publisher(got).values():
-            assert received == sorted(set(received))  # at most once, per-publisher FIFO
-            assert len(received) <= MESSAGES
+        for (topic, _), received in by_publisher(got).items():
+            offset = 0 if topic == "metrics" else 1
+            sent = list(range(offset, 2 * MESSAGES, 2))
+            # at most once, in order, and lost only at the start (the slow joiner): what arrived is the end of
+            # what was sent, every message after the first one received included
+            assert received == sent[len(sent) - len(received):], topic
 
 
 @pytest.mark.timeout(120)
