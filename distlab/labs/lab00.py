@@ -8,15 +8,20 @@ and the others never sent the total back.
 
 from __future__ import annotations
 
-import itertools
-import time
-
 import torch
-import torch.distributed as dist
 
 from ..communication.cost import sent_bytes
 from ..data import generator
-from .grading import Passed, Wrong, check_tensor, exercise, on_ranks, point_to_point_only
+from .grading import (
+    Passed,
+    Wrong,
+    check_tensor,
+    contributing_ranks,
+    exercise,
+    on_ranks,
+    point_to_point_only,
+    seconds_against_builtin,
+)
 
 CASES = ((torch.float32, (5,)), (torch.int64, (2, 3)))
 HINT = "The point of the exercise is to add the ranks' tensors up with messages you send yourself."
@@ -41,35 +46,8 @@ def run_sum(ctx, solution, timed_numel: int = 0) -> list[dict]:
         outcomes.append({"given": given.cpu(), "transfers": list(transfers),
                          "returned": returned.detach().cpu() if isinstance(returned, torch.Tensor) else returned})
     if timed_numel:
-        outcomes.append(_timings(ctx, solution, timed_numel))
+        outcomes.append(seconds_against_builtin(ctx, solution, timed_numel, HINT))
     return outcomes
-
-
-def _timings(ctx, solution, numel: int, repeats: int = 3) -> dict:
-    """Median seconds of the student's sum and of dist.all_reduce on `numel` float32 numbers."""
-    def seconds(call) -> float:
-        times = []
-        for _ in range(repeats):
-            x = torch.ones(numel, device=ctx.device)
-            dist.barrier()
-            start = time.perf_counter()
-            call(x)
-            times.append(time.perf_counter() - start)
-        return sorted(times)[repeats // 2]
-
-    builtin = seconds(dist.all_reduce)
-    with point_to_point_only(ctx, HINT) as (student_ctx, _):
-        yours = seconds(lambda x: solution(student_ctx, x))
-    return {"yours_s": yours, "builtin_s": builtin}
-
-
-def contributors(value: torch.Tensor, given: list[torch.Tensor]) -> list[int] | None:
-    """Which ranks' tensors add up to `value`, if some subset does (N <= 4: at most 15 subsets)."""
-    for size in range(1, len(given) + 1):
-        for subset in itertools.combinations(range(len(given)), size):
-            if torch.allclose(torch.stack([given[r] for r in subset]).sum(0).double(), value.double(), atol=1e-5):
-                return list(subset)
-    return None
 
 
 def _explain(outcomes: list[dict], n: int, case: int) -> None:
@@ -93,7 +71,7 @@ def _explain(outcomes: list[dict], n: int, case: int) -> None:
             raise Wrong(f"rank {rank} holds the sum divided by {n}: the exercise asks for the sum (averaging is "
                         "a later step, e.g. for gradients)")
         if not torch.allclose(result.double(), expected.double(), atol=1e-5):
-            holders = contributors(result, given)
+            holders = contributing_ranks(result, given)
             if holders is not None:
                 missing = sorted(set(range(n)) - set(holders))
                 raise Wrong(f"rank {rank} holds the sum of ranks {holders} only: ranks {missing} were never added. "
