@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ..data import generator
 from ..launch import LaunchTimeout, RankFailure, launch, where_waiting
 
 LAB_TIMEOUT = float(os.environ.get("DISTLAB_LAB_TIMEOUT", "10"))  # seconds a case may take: a deadlock's bound
@@ -331,6 +332,32 @@ class _StudentContext:
 
     def __repr__(self) -> str:
         return f"ctx(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+
+def rank_tensor(rank: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    """Rank `rank`'s input to a collective: different on every rank, so a missing or doubled rank shows."""
+    stream = generator(0, rank)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=stream, dtype=dtype)
+    return torch.randint(-50, 50, shape, generator=stream, dtype=dtype)
+
+
+def run_collective(ctx, solution: Callable, cases: tuple, hint: str, timed_numel: int = 0) -> list[dict]:
+    """On every rank: the student's collective on each case's (dtype, shape) tensor under the p2p-only rules:
+    its input, what it returned (and whether that was the input itself), the input after, the transfers;
+    then, if asked, its seconds beside dist.all_reduce's on `timed_numel` numbers."""
+    outcomes = []
+    for dtype, shape in cases:
+        tensor = rank_tensor(ctx.rank, dtype, shape).to(ctx.device)
+        given = tensor.clone()
+        with point_to_point_only(ctx, hint) as (student_ctx, transfers):
+            returned = solution(student_ctx, tensor)
+        outcomes.append({"given": given.cpu(), "after": tensor.cpu(), "returned_self": returned is tensor,
+                         "returned": returned.detach().cpu() if isinstance(returned, torch.Tensor) else returned,
+                         "transfers": list(transfers)})
+    if timed_numel:
+        outcomes.append(seconds_against_builtin(ctx, solution, timed_numel, hint))
+    return outcomes
 
 
 def seconds_against_builtin(ctx, solution: Callable, numel: int, hint: str = "", repeats: int = 3) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from ..communication.cost import sent_bytes
-from ..data import generator
 from .grading import (
     Passed,
     Wrong,
@@ -19,35 +18,11 @@ from .grading import (
     contributing_ranks,
     exercise,
     on_ranks,
-    point_to_point_only,
-    seconds_against_builtin,
+    run_collective,
 )
 
 CASES = ((torch.float32, (5,)), (torch.int64, (2, 3)))
 HINT = "The point of the exercise is to add the ranks' tensors up with messages you send yourself."
-
-
-def rank_tensor(rank: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
-    """Rank `rank`'s input: different on every rank, so a missing or doubled rank shows in the sum."""
-    if dtype.is_floating_point:
-        return torch.randn(shape, generator=generator(0, rank), dtype=dtype)
-    return torch.randint(-50, 50, shape, generator=generator(0, rank), dtype=dtype)
-
-
-def run_sum(ctx, solution, timed_numel: int = 0) -> list[dict]:
-    """On every rank: the student's sum of each case's tensor under the p2p-only rules; then, if asked, the
-    time of theirs and of dist.all_reduce on `timed_numel` numbers."""
-    outcomes = []
-    for dtype, shape in CASES:
-        tensor = rank_tensor(ctx.rank, dtype, shape).to(ctx.device)
-        given = tensor.clone()
-        with point_to_point_only(ctx, HINT) as (student_ctx, transfers):
-            returned = solution(student_ctx, tensor)
-        outcomes.append({"given": given.cpu(), "transfers": list(transfers),
-                         "returned": returned.detach().cpu() if isinstance(returned, torch.Tensor) else returned})
-    if timed_numel:
-        outcomes.append(seconds_against_builtin(ctx, solution, timed_numel, HINT))
-    return outcomes
 
 
 def _explain(outcomes: list[dict], n: int, case: int) -> None:
@@ -84,7 +59,8 @@ def _explain(outcomes: list[dict], n: int, case: int) -> None:
 def sum_by_send_recv(fn) -> Passed:
     measured = {}
     for n in (4, 3):  # 4 first: most mistakes show there, and notebook 00 leaves 4 ranks warm
-        outcomes = on_ranks(run_sum, n, solution=fn, timed_numel=2**16 if n == 4 else 0).results
+        timed = 2**16 if n == 4 else 0
+        outcomes = on_ranks(run_collective, n, solution=fn, cases=CASES, hint=HINT, timed_numel=timed).results
         for case in range(len(CASES)):
             _explain(outcomes, n, case)
         if n == 4:

@@ -18,35 +18,11 @@ from .grading import (
     contributing_ranks,
     exercise,
     on_ranks,
-    point_to_point_only,
-    seconds_against_builtin,
+    run_collective,
 )
 
 CASES = ((torch.float32, (10,)), (torch.float64, (3, 7)), (torch.int64, (13,)))
 HINT = "The point of the exercise is to build the collective out of point-to-point messages."
-
-
-def rank_input(rank: int, dtype: torch.dtype, shape: tuple, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1000 + rank)
-    if dtype.is_floating_point:
-        return torch.randn(shape, generator=generator, dtype=dtype)
-    return torch.randint(-50, 50, shape, generator=generator, dtype=dtype)
-
-
-def run_collective(ctx, solution, cases=CASES, timed_numel: int = 0) -> list[dict]:
-    """On every rank: the student's all-reduce of each case's tensor, in place, under the p2p-only rules."""
-    outcomes = []
-    for dtype, shape in cases:
-        tensor = rank_input(ctx.rank, dtype, shape).to(ctx.device)
-        given = tensor.clone()
-        with point_to_point_only(ctx, HINT) as (student_ctx, transfers):
-            returned = solution(student_ctx, tensor)
-        outcomes.append({"after": tensor.cpu(), "given": given.cpu(), "returned_self": returned is tensor,
-                         "returned": returned.cpu() if isinstance(returned, torch.Tensor) else returned,
-                         "transfers": list(transfers)})
-    if timed_numel:
-        outcomes.append(seconds_against_builtin(ctx, solution, timed_numel, HINT))
-    return outcomes
 
 
 # -- what the check says about a wrong result ---------------------------------------------------------
@@ -123,7 +99,8 @@ def _explain_ring_bytes(outcomes: list[dict], n: int, case: int, numel: int, ele
 def ring_all_reduce(fn) -> Passed:
     measured, figure = {}, None
     for n in (4, 3, 2):  # the largest first: most mistakes show there, and its ranks stay warm for the next try
-        outcomes = on_ranks(run_collective, n, solution=fn, timed_numel=2**18 if n == 4 else 0).results
+        timed = 2**18 if n == 4 else 0
+        outcomes = on_ranks(run_collective, n, solution=fn, cases=CASES, hint=HINT, timed_numel=timed).results
         for case, (dtype, shape) in enumerate(CASES):
             numel = torch.Size(shape).numel()
             _explain_neighbours(outcomes, n, case)
@@ -150,7 +127,7 @@ def _figure(transfers: list[list[dict]]):
 @exercise("02.recursive_doubling", "Recursive-doubling all-reduce (world sizes 2 and 4)")
 def recursive_doubling(fn) -> Passed:
     for n in (4, 2):
-        outcomes = on_ranks(run_collective, n, solution=fn).results
+        outcomes = on_ranks(run_collective, n, solution=fn, cases=CASES, hint=HINT).results
         for case, (dtype, shape) in enumerate(CASES):
             _explain_values(outcomes, n, case)
             numel, size = torch.Size(shape).numel(), torch.empty((), dtype=dtype).element_size()
