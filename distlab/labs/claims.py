@@ -72,7 +72,7 @@ def expect(measured, *, says: str, near=None, rel: float | None = None, abs: flo
     if prediction is not None:
         print("  " + _against_prediction(prediction, measured))
     if not ok:
-        raise ClaimFailed(f"{says}: measured {_show(measured)}, expected {check}")
+        raise ClaimFailed(f"{says}: measured {_show(measured)}, {check}")
 
 
 def _holds(measured, near, rel, abs_tol, at_most, at_least, equals) -> tuple[bool, str]:
