@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -103,22 +102,14 @@ def _explain_order(actions, m: int, p: int, stage: int, kind: str) -> None:
                     "(all m micro-batches) before any backward", f"yours: {actions}")
 
 
-@contextmanager
-def _student_on_simulator(schedules: list[list[tuple[str, int]]]) -> Iterator[None]:
-    """distlab's simulator, fed the student's lists instead of its own (it takes a schedule's name)."""
-    with mock.patch.object(pp, "schedule_for", lambda name, m, p, stage: list(schedules[stage])):
-        yield
-
-
 def _simulated_bubble(schedules, kind: str, m: int, p: int) -> float:
-    with _student_on_simulator(schedules):
-        try:
-            events = pp.simulate(kind, p, m)
-        except RuntimeError:
-            raise Wrong(f"your schedules deadlock on p = {p} stages, m = {m}: on the simulated pipeline every stage "
-                        "ends up waiting for an action that another stage has put after its own wait (a forward "
-                        "waits for the previous stage's forward, a backward for the next stage's backward)",
-                        *[f"stage {s}: {a}" for s, a in enumerate(schedules)]) from None
+    try:
+        events = pp.simulate(schedules, p, m)
+    except RuntimeError:
+        raise Wrong(f"your schedules deadlock on p = {p} stages, m = {m}: on the simulated pipeline every stage "
+                    "ends up waiting for an action that another stage has put after its own wait (a forward "
+                    "waits for the previous stage's forward, a backward for the next stage's backward)",
+                    *[f"stage {s}: {a}" for s, a in enumerate(schedules)]) from None
     return pp.bubble_fraction(events, p)
 
 

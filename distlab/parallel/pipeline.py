@@ -145,10 +145,13 @@ def _waits_for(kind: str, stage: int, i: int, p: int) -> tuple[str, int, int] | 
     return ("B", stage + 1, i) if stage < p - 1 else ("F", stage, i)
 
 
-def simulate(schedule: str, p: int, m: int, t_forward: float = 1.0, t_backward: float = 2.0) -> list[dict]:
+def simulate(schedule: str | list[list[Action]], p: int, m: int, t_forward: float = 1.0,
+             t_backward: float = 2.0) -> list[dict]:
     """The timeline the formula assumes: equal stages, free communication. Each stage runs its actions in
-    order, each as soon as the stage is free and its input is ready."""
-    queues = [schedule_for(schedule, m, p, s) for s in range(p)]
+    order, each as soon as the stage is free and its input is ready. `schedule`: a name, or each stage's
+    list of actions (a schedule written by hand, e.g. a lab's)."""
+    queues = ([schedule_for(schedule, m, p, s) for s in range(p)] if isinstance(schedule, str)
+              else [list(actions) for actions in schedule])
     done: dict[tuple[str, int, int], float] = {}
     free, events = [0.0] * p, []
     while any(queues):
