@@ -30,7 +30,8 @@ from ..launch import LaunchTimeout, RankFailure, launch, where_waiting
 LAB_TIMEOUT = float(os.environ.get("DISTLAB_LAB_TIMEOUT", "10"))  # seconds a case may take: a deadlock's bound
 NOTEBOOK_OF = {  # exercise id prefix -> the lab module that grades it
     "00": "lab00", "01": "lab01", "02": "lab02", "03": "lab03", "04": "lab04", "05": "lab05", "05b": "lab05b",
-    "06": "lab06", "07": "lab07", "08": "lab08", "09": "lab09", "10": "lab10", "11": "lab11", "12": "lab12",
+    "06": "lab06", "07": "lab07", "07b": "lab07b", "08": "lab08", "09": "lab09", "10": "lab10", "11": "lab11",
+    "12": "lab12", "13": "lab13", "14": "lab14",
 }
 
 
