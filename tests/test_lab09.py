@@ -1,6 +1,7 @@
 """Lab 09: typical wrong answers get the diagnosis that names their mistake (the reference solution passes
 in test_labs.py)."""
 
+import math
 import time
 
 import pytest
@@ -82,3 +83,49 @@ def test_a_deadlocking_serving_loop_is_named_quickly_and_leaves_no_process(monke
     assert time.monotonic() - started < 30
     assert verdict.summary.startswith("deadlock: all 3 ranks were blocked in recv"), str(verdict)
     assert not rank_processes()
+
+
+def _append(cache, new):
+    return torch.cat([cache, new[:, None]], dim=1)
+
+
+def _attend(q, k, v, scale=True, over=-1):
+    scores = (k @ q[:, :, None]).squeeze(-1) / (math.sqrt(q.size(-1)) if scale else 1.0)
+    return (scores.softmax(over)[:, None] @ v).squeeze(1)
+
+
+def attends_only_to_the_past(q, k_new, v_new, k_cache, v_cache):
+    """Attends before appending: the new token does not see itself."""
+    out = _attend(q, k_cache, v_cache)
+    return out, _append(k_cache, k_new), _append(v_cache, v_new)
+
+
+def unscaled(q, k_new, v_new, k_cache, v_cache):
+    k_cache, v_cache = _append(k_cache, k_new), _append(v_cache, v_new)
+    return _attend(q, k_cache, v_cache, scale=False), k_cache, v_cache
+
+
+def softmax_across_heads(q, k_new, v_new, k_cache, v_cache):
+    k_cache, v_cache = _append(k_cache, k_new), _append(v_cache, v_new)
+    return _attend(q, k_cache, v_cache, over=0), k_cache, v_cache
+
+
+def new_token_first(q, k_new, v_new, k_cache, v_cache):
+    k_cache, v_cache = torch.cat([k_new[:, None], k_cache], 1), torch.cat([v_new[:, None], v_cache], 1)
+    return _attend(q, k_cache, v_cache), k_cache, v_cache
+
+
+def cache_not_grown(q, k_new, v_new, k_cache, v_cache):
+    return _attend(q, _append(k_cache, k_new), _append(v_cache, v_new)), k_cache, v_cache
+
+
+@pytest.mark.parametrize("solution, says", [
+    (attends_only_to_the_past, "attends only to the earlier positions"),
+    (unscaled, "not divided by √head_dim"),
+    (softmax_across_heads, "the softmax runs across the heads"),
+    (new_token_first, "is at position 0 of the returned cache"),
+    (cache_not_grown, "cache you returned still has 11 positions"),
+], ids=lambda x: getattr(x, "__name__", ""))
+def test_a_wrong_cached_attention_step_gets_its_diagnosis(solution, says):
+    verdict = grading.grade("09.cached_attention", solution)
+    assert verdict.status == "wrong" and says in verdict.summary, str(verdict)

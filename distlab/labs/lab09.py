@@ -1,14 +1,21 @@
-"""Lab 09 · Distributed inference: serving the tiny GPT through a pipeline of stages, micro-batch by micro-batch.
+"""Lab 09 · Distributed inference: serving the tiny GPT through a pipeline of stages, micro-batch by micro-batch,
+and the attention step of a KV-cached decoder.
 
 The student's serving loop runs on 3 real ranks (a first, a middle and a last stage of the GPT), with
 ctx.comm limited to send/recv/isend/irecv (every transfer logged). Each stage's forward is timestamped by the check, so
 it can tell whether the stages overlapped (stage 1 at work while stage 0 still computes); the answers
 must equal the unsplit model's, in request order; a deadlock is caught and named. The passed check sets
 its measured latency and throughput beside distlab's own `inference.serve_pipelined`.
+
+The cached attention step (one new token against the cached keys and values) runs in-process on a block of
+the serving GPT: the grown cache and the output are compared with `serving.attend` and with the last row of
+`gpt.Attention`'s full causal forward; the usual slips (the token not attending to itself, no 1/√d scale,
+softmax across heads, the new key put first) are named.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -16,8 +23,18 @@ import torch.distributed as dist
 
 from .. import gpt
 from ..parallel import inference
+from ..parallel import serving as sv
 from ..parallel.pipeline import stage_module
-from .grading import Passed, Wrong, exercise, first_difference, on_ranks, point_to_point_only
+from .grading import (
+    Passed,
+    Wrong,
+    call_student,
+    check_tensor,
+    exercise,
+    first_difference,
+    on_ranks,
+    point_to_point_only,
+)
 
 N_REQUESTS, MICRO_BATCH, STAGES = 30, 4, 3  # 8 micro-batches, the last of 2 requests; a middle stage
 HINT = "Stages pass activations to their neighbour: send/recv between stage r and r + 1."
@@ -147,3 +164,83 @@ def pipelined_inference(fn) -> Passed:
                    "overlap": f"stage 1 was at work {_overlap(results) * 1e3:.1f} ms before stage 0 finished its last "
                               "micro-batch",
                    "stage 0 sent": f"{sent:,} bytes in {-(-N_REQUESTS // MICRO_BATCH)} messages"})
+
+
+# -- 09.cached_attention: one decode step of attention against the KV cache ------------------------------
+
+CACHED = 11  # positions already in the cache when the new token comes
+
+
+def _projections(length: int, seed: int = 0):
+    """A block of the serving GPT, a random sequence through it, and its q, k, v (heads, length, head_dim)."""
+    attn = sv.serving_model(seed)[1].attn
+    x = torch.randn(1, length, sv.SERVING_CFG.d_model, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        q, k, v = (attn.heads(layer(x))[0] for layer in (attn.q, attn.k, attn.v))
+    return attn, x, q, k, v
+
+
+def _attention(q, k, v, scale: bool = True, over: int = -1) -> torch.Tensor:
+    """softmax over positions (over=-1) or heads (over=0) of q·k (scaled or not), times v: (heads, head_dim)."""
+    scores = (k @ q[:, :, None]).squeeze(-1) / (math.sqrt(q.size(-1)) if scale else 1.0)
+    return (scores.softmax(over)[:, None] @ v).squeeze(1)
+
+
+def _explain_cache(k_out, k_past, k_new, what: str) -> None:
+    if torch.is_tensor(k_out) and k_out.shape == k_past.shape:
+        raise Wrong(f"the {what} cache you returned still has {k_past.shape[1]} positions: append the new token's "
+                    f"to it (torch.cat along dim 1), so the next step finds {k_past.shape[1] + 1}")
+    first = torch.cat([k_new[:, None], k_past], dim=1)
+    if torch.is_tensor(k_out) and k_out.shape == first.shape and torch.allclose(k_out, first):
+        raise Wrong(f"the new token's {what} is at position 0 of the returned cache: positions stay in order, "
+                    "append it at the end")
+    check_tensor(k_out, torch.cat([k_past, k_new[:, None]], dim=1), f"the returned {what} cache")
+
+
+def _explain_output(out, q, k, v) -> None:
+    expected = sv.attend(q[None, :, None], k[None], v[None], sv.hidden(torch.tensor([[k.shape[1] - 1]]), k.shape[1]))
+    expected = expected[0, :, 0]
+    if torch.is_tensor(out) and out.shape == expected.shape and first_difference(out, expected, 1e-5) is not None:
+        slips = [(_attention(q, k[:, :-1], v[:, :-1]), "your output attends only to the earlier positions: the new "
+                  "token attends to itself too (append its key and value first, then attend over all L + 1)"),
+                 (_attention(q, k, v, scale=False), "the scores are not divided by √head_dim "
+                  f"(√{q.size(-1)} = {math.sqrt(q.size(-1)):.0f}): softmax(q·k / √d)"),
+                 (_attention(q, k, v, over=0), "the softmax runs across the heads: each head's weights sum to "
+                  "one over the positions (the last dimension of the scores)")]
+        for wrong, says in slips:
+            if first_difference(out, wrong, 1e-5) is None:
+                raise Wrong(says)
+    check_tensor(out, expected, "the attention output (heads, head_dim)")
+
+
+def _seconds(fn, *args, repeats: int = 5) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn(*args)
+    return (time.perf_counter() - start) / repeats
+
+
+@exercise("09.cached_attention", "One decode step of attention against the KV cache")
+def cached_attention(fn) -> Passed:
+    attn, x, q, k, v = _projections(CACHED + 1)
+    past = (k[:, :CACHED].clone(), v[:, :CACHED].clone())
+    returned = call_student(fn, q[:, -1].clone(), k[:, -1].clone(), v[:, -1].clone(), *past)
+    if not (isinstance(returned, tuple) and len(returned) == 3):
+        raise Wrong(f"return three things, (out, k_cache, v_cache); got {type(returned).__name__}")
+    out, k_out, v_out = returned
+    _explain_cache(k_out, past[0], k[:, -1], "key")
+    _explain_cache(v_out, past[1], v[:, -1], "value")
+    _explain_output(out, q[:, -1], k, v)
+    with torch.no_grad():
+        full, projected = attn(x)[0, -1], attn.proj(out.reshape(-1))
+    check_tensor(projected, full, "your output through the block's projection")
+    _, x_long, q_long, k_long, v_long = _projections(121)
+    with torch.no_grad():
+        step = _seconds(fn, q_long[:, -1], k_long[:, -1], v_long[:, -1], k_long[:, :-1], v_long[:, :-1])
+        recompute = _seconds(attn, x_long)
+    return Passed(f"the new token's output equals serving.attend and the last row of gpt.Attention's full causal "
+                  f"forward over {CACHED + 1} positions; the caches grew by one, in order",
+                  {"difference to the full forward": f"{(projected - full).abs().max().item():.1e} (after the block's "
+                                                     "output projection)",
+                   "at 120 cached positions": f"your step {1e6 * step:.0f} µs; gpt.Attention recomputing all 121 "
+                                              f"positions {1e6 * recompute:.0f} µs"})

@@ -6,7 +6,8 @@ takes the queued requests `micro_batch` at a time and sends each micro-batch's a
 last stage answers. While stage 1 works on micro-batch j, stage 0 already computes j + 1 (pipelining,
 as in GPipe's forward half), but no further: a stage waits until its previous send was received.
 Bigger micro-batches use each stage better (throughput) but every request in one waits for the whole
-micro-batch (latency): the trade-off this module measures.
+micro-batch (latency): the trade-off this module measures. Generating many tokens per request (KV cache,
+continuous batching, a paged cache, tensor-parallel decoding) is `serving.py`.
 """
 
 from __future__ import annotations
