@@ -71,20 +71,37 @@ def test_local_sgd_refuses_a_period_below_one():
         do.train_local_sgd(None, every=0)
 
 
+def _sends_as_the_ring_counts_say(sent: dict, n: int) -> None:
+    """Ring counts of every collective's buffer, per rank and step (float64, P padded to N·⌈P/N⌉): data parallelism's
+    all-reduce 2(N-1)/N·8P; ZeRO-1 by reduce-scatter + all-gather the same (padded); the naive all-reduce +
+    all-gather 3(N-1)/N·8P: half again."""
+    padded, share = n * math.ceil(ZERO_PARAMS / n), (n - 1) / n
+    assert sent["adam"] == pytest.approx(2 * share * 8 * ZERO_PARAMS) == pytest.approx(sent["torch"])
+    assert sent["reduce_scatter"] == pytest.approx(2 * share * 8 * padded)
+    assert sent["sharded"] == pytest.approx(2 * share * 8 * ZERO_PARAMS + share * 8 * padded)
+    assert sent["sharded"] / sent["reduce_scatter"] == pytest.approx(1.5, rel=1e-3)
+
+
 @pytest.mark.timeout(120)
 def test_zero1_by_hand_and_zero_redundancy_optimizer_match_adam_with_n_times_less_state():
+    """Both hand-written forms (all-reduce + all-gather, reduce-scatter + all-gather) and ZeroRedundancyOptimizer."""
     run = dl.launch(do.compare_zero, world_size=4, timeout=90, steps=10, sizes=ZERO_SIZES, dtype=torch.float64)
     full = 2 * ZERO_PARAMS * 8  # m and v, float64
     for result in run.results:
         assert result["params"] == ZERO_PARAMS
         assert result["sharded_vs_adam"] < 1e-9 and result["zero_vs_torch"] < 1e-9 and result["adam_vs_torch"] < 1e-9
         assert result["state_bytes"]["adam"] == full
-        assert result["state_bytes"]["sharded"] == 2 * math.ceil(ZERO_PARAMS / 4) * 8  # exactly N× less (padded)
+        assert result["state_bytes"]["sharded"] == 2 * math.ceil(ZERO_PARAMS / 4) * 8  # N× less of the padded P
+        assert result["state_bytes"]["adam"] / result["state_bytes"]["sharded"] == pytest.approx(3.9994, abs=1e-4)
+        assert result["reduce_scatter_vs_adam"] < 1e-9
+        assert result["state_bytes"]["reduce_scatter"] == result["state_bytes"]["sharded"]
+        _sends_as_the_ring_counts_say(result["sent_per_step"], n=4)
     zero = [r["state_bytes"]["zero"] for r in run.results]
     torch_adam = run.results[0]["state_bytes"]["torch"]  # m, v and a step counter per tensor
     assert sum(zero) == torch_adam  # the shards partition the state
     assert max(zero) < torch_adam / 3  # whole tensors per rank: about, not exactly, N× less
     assert set(run.comm["op"]) == {"all_reduce", "all_gather"}
+
 
 
 @pytest.mark.timeout(120)

@@ -1,5 +1,6 @@
 """The distributed forms of the optimizers: gradient averaging (= large-batch training) with the linear
-learning-rate scaling rule, local SGD, ZeRO stage-1 sharded Adam, and gradient noise against N.
+learning-rate scaling rule, local SGD, ZeRO stage-1 sharded Adam (the naive all-reduce + all-gather form and the
+paper's reduce-scatter + all-gather form), and gradient noise against N.
 
 The rank functions at the bottom are what notebook 06 and the tests launch with dl.launch.
 """
@@ -58,11 +59,12 @@ def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
 
 
 class ShardedAdam:
-    """ZeRO stage 1 (Rajbhandari et al. 2020): Adam's m and v split evenly across the N ranks.
+    """ZeRO stage 1 (Rajbhandari et al. 2020), the naive form: Adam's m and v split evenly across the N ranks.
 
-    Gradients are already averaged (every rank holds them whole). Each rank updates only its 1/N
-    slice of the flattened parameters with the Adam equations, and an all-gather gives every rank
-    the whole updated vector. State per rank: 2·⌈P/N⌉ numbers instead of 2·P.
+    Gradients are already averaged by an all-reduce (every rank holds them whole). Each rank updates only its 1/N
+    slice of the flattened parameters with the Adam equations, and an all-gather gives every rank the whole
+    updated vector: 1.5× the bytes of data parallelism (ReduceScatterAdam below is the paper's form, 1×).
+    State per rank: 2·⌈P/N⌉ numbers instead of 2·P.
     """
 
     def __init__(self, params, comm: Comm, rank: int, world_size: int, lr: float = 1e-3,
@@ -94,6 +96,26 @@ class ShardedAdam:
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+
+
+class ReduceScatterAdam(ShardedAdam):
+    """ZeRO stage 1 as the paper describes it: each rank passes its *own* gradients; a reduce-scatter leaves rank r
+    the sum of its slice only, averaged here, then the same sharded Adam step and all-gather. A reduce-scatter plus
+    an all-gather is what a ring all-reduce does, so this sends what plain data parallelism sends, 2(N-1)/N·S;
+    ShardedAdam's form (all-reduce first, then all-gather) sends 1.5× that."""
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        mine = slice(self.rank * self.shard, (self.rank + 1) * self.shard)
+        grad = self._padded(torch.cat([p.grad.reshape(-1) for p in self.params]))
+        my_grad = torch.empty_like(self.m)
+        (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(my_grad, grad)  # newer name first
+        my_grad.div_(dist.get_world_size())
+        theta = self._padded(parameters_to_vector(self.params))
+        adam_update(theta[mine], my_grad, self.m, self.v, self.t, self.lr, *self.betas, self.eps)
+        pieces = self.comm.all_gather(theta[mine].contiguous())
+        vector_to_parameters(torch.cat(pieces)[:self.total], self.params)
 
 
 def state_bytes(optimizer) -> int:
@@ -184,32 +206,45 @@ def train_local_sgd(ctx, every: int = 4, steps: int = 160, batch: int = 16, lr: 
 
 def compare_zero(ctx, steps: int = 20, lr: float = 1e-2, batch: int = 16, sizes: tuple = (64, 64, 64, 64, 10),
                  dtype: torch.dtype = torch.float32) -> dict:
-    """The same k Adam steps four ways: ours unsharded, ours ZeRO-1, torch.optim.Adam, torch's
-    ZeroRedundancyOptimizer. Returns state bytes per rank and the largest parameter differences."""
+    """The same k Adam steps five ways: ours unsharded, ours ZeRO-1 in its naive form (all-reduce, then all-gather)
+    and in the paper's (reduce-scatter, then all-gather), torch.optim.Adam, torch's ZeroRedundancyOptimizer.
+    Returns state bytes per rank, bytes each way sends per step (ring counts) and the largest parameter gaps."""
     from torch.distributed.optim import ZeroRedundancyOptimizer  # imported here: it pulls in FSDP (seconds)
+
+    from ..parallel.zero import counting_collectives
 
     x, y, _, _ = data.digits(ctx.rank, ctx.world_size)
     x = x.to(dtype)
-    copies = {name: _digits_model(0, *sizes).to(dtype) for name in ("adam", "sharded", "torch", "zero")}
+    names = ("adam", "sharded", "reduce_scatter", "torch", "zero")
+    copies = {name: _digits_model(0, *sizes).to(dtype) for name in names}
     opts = {
         "adam": Adam(copies["adam"].parameters(), lr=lr),
         "sharded": ShardedAdam(copies["sharded"].parameters(), ctx.comm, ctx.rank, ctx.world_size, lr=lr),
+        "reduce_scatter": ReduceScatterAdam(copies["reduce_scatter"].parameters(), ctx.comm, ctx.rank,
+                                            ctx.world_size, lr=lr),
         "torch": torch.optim.Adam(copies["torch"].parameters(), lr=lr),
         "zero": ZeroRedundancyOptimizer(copies["zero"].parameters(), optimizer_class=torch.optim.Adam, lr=lr),
     }
+    sent = dict.fromkeys(names, 0.0)
     batches = data.minibatches(x, y, batch, seed=0, rank=ctx.rank)
     for _ in range(steps):
         xb, yb = next(batches)
         for name, model in copies.items():
             opts[name].zero_grad()
             F.cross_entropy(model(xb), yb).backward()
-            average_gradients(model, ctx.comm)
-            opts[name].step()
+            with counting_collectives() as calls:
+                if name != "reduce_scatter":  # it takes this rank's own gradients
+                    average_gradients(model, ctx.comm)
+                opts[name].step()
+            sent[name] += sum(c["sent"] for c in calls) / steps
+    del sent["zero"]  # ZeroRedundancyOptimizer hands parameters out by broadcast, not counted here
     flat = {name: parameters_to_vector(model.parameters()) for name, model in copies.items()}
     return {
         "params": flat["adam"].numel(),
         "state_bytes": {name: state_bytes(opt.optim if name == "zero" else opt) for name, opt in opts.items()},
+        "sent_per_step": sent,
         "sharded_vs_adam": models.largest_difference(flat["sharded"], flat["adam"]),
+        "reduce_scatter_vs_adam": models.largest_difference(flat["reduce_scatter"], flat["adam"]),
         "zero_vs_torch": models.largest_difference(flat["zero"], flat["torch"]),
         "adam_vs_torch": models.largest_difference(flat["adam"], flat["torch"]),
     }
