@@ -3,8 +3,8 @@
 MPI (the Message Passing Interface, https://www.mpi-forum.org/docs/) is where torch.distributed's
 vocabulary comes from: ranks, a communicator (process group), Send/Recv, Bcast, Allreduce. Its
 implementations carry decades of tuning for one machine (shared memory) and for clusters. Here the
-same all-reduce runs under real MPI processes, started the MPI way: `mpiexec -n 2 python -m
-distlab.communication.mpi <task>` — a launcher of its own, not dl.launch, and no torch.distributed.
+same all-reduce runs under real MPI processes, started the MPI way: `mpiexec -n 2 python mpi.py
+<task>` (this file) — a launcher of its own, not dl.launch, and no torch.distributed.
 
 On a shared server (DESIGN.md): the fork-only launcher (`mpiexec.gforker`) opens no port, and MPICH is
 told to use shared memory only between its ranks (libfabric's shm provider), so nothing listens on any
@@ -38,7 +38,8 @@ def run(task: str, world_size: int = 2, timeout: float = 120, **args) -> list[di
     """Run `task` (one of TASKS) on `world_size` MPI processes; returns each rank's result, by rank."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
-    argv = [mpiexec(), "-n", str(world_size), sys.executable, "-m", __name__, task, json.dumps(args)]
+    # The file itself, not `-m distlab...`: the MPI ranks import neither torch nor distlab (seconds each).
+    argv = [mpiexec(), "-n", str(world_size), sys.executable, __file__, task, json.dumps(args)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **ONE_MACHINE}, start_new_session=True)
     try:

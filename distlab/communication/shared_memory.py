@@ -28,6 +28,8 @@ import os
 import socket
 import stat
 import tempfile
+import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -133,3 +135,44 @@ class SharedMemoryAllReduce:
         """Unmap (every tensor viewing the mapping must be gone first)."""
         del self._memory
         self._mapping.close()
+
+
+# -- measuring: the transports side by side, and the machine's limit (a rank function for dl.launch) ----
+
+TRANSPORTS = ("gloo", "ring", "shared_memory", "memcpy")
+
+
+def time_transports(ctx, sizes: list[int], transports: tuple[str, ...] = TRANSPORTS, repeats: int = 5) -> list[dict]:
+    """Seconds per float32 size in bytes: gloo's dist.all_reduce, the hand-written ring over gloo, the
+    shared-memory all-reduce, and one thread copying the same bytes once (memcpy, the limit any
+    transport through memory works against). The slowest rank's median of `repeats`, each call started
+    together after a barrier, the transports taking turns call by call."""
+    from .collectives import ring_all_reduce
+
+    unknown = set(transports) - set(TRANSPORTS)
+    if unknown:
+        raise ValueError(f"transports must be among {TRANSPORTS}, got {sorted(unknown)}")
+    shm = SharedMemoryAllReduce(capacity=max(sizes)) if "shared_memory" in transports else None
+    threads = torch.get_num_threads()
+    rows = []
+    for size in sizes:
+        tensor = torch.ones(max(1, size // 4), device=ctx.device)
+        copy = torch.empty_like(tensor)
+        calls = {"gloo": partial(dist.all_reduce, tensor), "ring": partial(ring_all_reduce, tensor),
+                 "shared_memory": shm and partial(shm.all_reduce, tensor), "memcpy": partial(copy.copy_, tensor)}
+        times: dict[str, list[float]] = {t: [] for t in transports}
+        for _ in range(repeats):
+            for transport in transports:
+                dist.barrier()
+                torch.set_num_threads(1 if transport == "memcpy" else threads)
+                start = time.perf_counter()
+                calls[transport]()
+                times[transport].append(time.perf_counter() - start)
+        torch.set_num_threads(threads)
+        medians = torch.tensor([sorted(times[t])[repeats // 2] for t in transports], dtype=torch.float64)
+        dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+        rows += [{"algorithm": t, "bytes": tensor.numel() * 4, "world_size": ctx.world_size, "seconds": s,
+                  "calls": repeats} for t, s in zip(transports, medians.tolist())]
+    if shm is not None:
+        shm.close()
+    return rows
