@@ -12,6 +12,8 @@ from torch import nn
 
 import distlab as dl
 from distlab.telemetry import FLUSH_EVERY, GradNormMeter, Telemetry, grad_norms
+from distlab.viz.figures import training_figure
+from distlab.viz.live import explain_sampling, sampling_interval
 from rank_fns import train_digits
 
 MLP_PARAMS = 64 * 32 + 32 + 32 * 10 + 10  # dl.models.mlp(64, 32, 10)
@@ -134,6 +136,32 @@ def test_rows_reach_the_disk_within_the_flush_interval_while_the_rank_runs(tmp_p
     recorder.close()
 
 
+def train_sampled(ctx, steps=20, every=5):
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(dl.models.mlp(64, 32, 10))
+    ctx.watch(model, drift_every=0, every=every)
+    x, y, _, _ = dl.data.digits(ctx.rank, ctx.world_size)
+    for step in range(steps):
+        loss = nn.functional.cross_entropy(model(x[:32]), y[:32])
+        model.zero_grad()
+        loss.backward()
+        ctx.log(step=step, loss=loss.item())
+
+
+def test_sampled_norms_come_every_k_steps_and_the_dashboard_says_so(tmp_path):
+    metrics = dl.launch(train_sampled, world_size=2).metrics
+    sampled = metrics.dropna(subset=["grad/0"])
+    assert sorted(set(sampled["step"])) == [0, 5, 10, 15] and len(metrics) == 40
+    assert (metrics["comm_bytes"] == 4 * MLP_PARAMS).all()  # the hook still counts every step's all-reduce
+    assert sampling_interval(metrics) == 5
+    titles = [note.text for note in explain_sampling(training_figure(metrics), metrics).layout.annotations]
+    assert "gradient norm per layer (rank 0), every 5 steps (ctx.watch(model, every=5))" in titles
+    ctx = dl.Context(0, 1, torch.device("cpu"), "gloo", tmp_path)
+    with pytest.raises(ValueError, match="every must be a positive number of steps"):
+        ctx.watch(nn.Linear(1, 1), every=0)
+    ctx.close()
+
+
 def log_then_fail(ctx, how):
     for step in range(5):
         ctx.log(step=step, loss=1.0)
@@ -153,3 +181,4 @@ def test_a_failing_rank_loses_no_row_it_logged(how):
     assert failure.value.rank == 1
     metrics = dl.load_run(failure.value.run.dir).metrics
     assert sorted(metrics[metrics["rank"] == 1]["step"]) == list(range(5))
+
