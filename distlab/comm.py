@@ -101,7 +101,7 @@ def ddp_comm_hook(traffic):
     """A DDP communication hook: the usual averaged all-reduce of each gradient bucket, counted.
 
     `traffic` (telemetry.DDPTraffic) gets the bucket's bytes when it is issued and a time stamp when
-    it is done; nothing else runs in Python per bucket, so watching a model costs DDP almost nothing.
+    it is done; nothing else runs in Python per bucket (the rank's row gets one comm record per step).
     Register it with the model's process group as state: the all-reduce goes straight to that group
     (the C++ call under `dist.all_reduce`).
     """
