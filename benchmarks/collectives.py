@@ -1,12 +1,19 @@
-"""Bus bandwidth of the hand-written all-reduces (distlab/communication/collectives.py) beside gloo's dist.all_reduce.
+"""Bus bandwidth of the hand-written all-reduces beside gloo's, then of the transports beside their limit.
 
-    python benchmarks/collectives.py            # world sizes 2 and 4, 4 KB ... 64 MB (about a minute)
-    python benchmarks/collectives.py --quick    # 4 KB ... 16 MB, fewer calls (about 30 s)
+    python benchmarks/collectives.py            # 4 KB ... 64 MB (a few minutes)
+    python benchmarks/collectives.py --quick    # 4 KB ... 16 MB, fewer calls
 
-Bus bandwidth = algorithm bandwidth (bytes / seconds) × 2(N-1)/N, the factor that makes an all-reduce
-on N ranks comparable with a point-to-point link (the convention of NVIDIA's nccl-tests). Seconds: the
-slowest rank's median over the calls, the algorithms taking turns call by call.
-Target: ring ≥ 0.8× gloo at 16 MB and above.
+1. Algorithms (distlab/communication/collectives.py) at 2 and 4 ranks, all over gloo's TCP.
+   Target: ring >= 0.8x gloo at 16 MB and above.
+2. Transports on 2 ranks of one machine: gloo (loopback TCP), the ring over gloo, the shared-memory
+   all-reduce (distlab/communication/shared_memory.py), MPICH's Allreduce under mpiexec
+   (distlab/communication/mpi.py), and a single-thread memcpy of the same bytes: the limit.
+   Targets at >= 16 MB: shared memory >= 0.5x memcpy, >= 3x gloo, >= MPI.
+
+Bus bandwidth = algorithm bandwidth (bytes / seconds) x 2(N-1)/N, the factor that makes an all-reduce
+on N ranks comparable with a point-to-point link (the convention of NVIDIA's nccl-tests); memcpy's is
+bytes / seconds. Seconds: the slowest rank's median over the calls, the contenders taking turns call by
+call (MPI runs apart, in its own processes).
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ import platform
 import torch
 
 import distlab as dl
+from distlab.communication import mpi
 from distlab.communication.collectives import time_all_reduces
+from distlab.communication.shared_memory import TRANSPORTS, time_transports
 
 ALGORITHMS = ("naive", "ring", "recursive_doubling", "gloo")
 
 
 def bus_bandwidth(row: dict) -> float:
     n = row["world_size"]
-    return row["bytes"] / row["seconds"] * 2 * (n - 1) / n / 1e9
+    factor = 1 if row["algorithm"] == "memcpy" else 2 * (n - 1) / n
+    return row["bytes"] / row["seconds"] * factor / 1e9
 
 
 def measure(world_size: int, sizes: list[int], repeats: int) -> list[dict]:
@@ -67,6 +77,42 @@ def verdict(rows: list[dict]) -> str:
             f"(lowest {ratios[worst]:.2f}x at {worst[0]} ranks, {human(worst[1])})")
 
 
+# -- transports on 2 ranks --------------------------------------------------------------------------------
+CONTENDERS = ("gloo", "ring", "shared_memory", "mpi", "memcpy")
+
+
+def measure_transports(sizes: list[int], repeats: int) -> dict[tuple[int, str], float]:
+    """(bytes, contender) -> bus bandwidth in GB/s, on 2 ranks."""
+    run = dl.launch(time_transports, world_size=2, sizes=sizes, transports=TRANSPORTS, repeats=repeats,
+                    timeout=1800, name="bench-transports")
+    rows = run.results[0] + mpi.run("time_allreduce", world_size=2, timeout=1800, sizes=sizes,
+                                    repeats=repeats)[0]["rows"]
+    return {(r["bytes"], r["algorithm"]): bus_bandwidth(r) for r in rows}
+
+
+def transport_table(bandwidth: dict[tuple[int, str], float]) -> str:
+    lines = ["| size | " + " | ".join(f"{c} GB/s" for c in CONTENDERS) + " | shm / memcpy | shm / gloo | shm / mpi |",
+             "|---" * (len(CONTENDERS) + 4) + "|"]
+    for size in sorted({size for size, _ in bandwidth}):
+        cells = [bandwidth[(size, c)] for c in CONTENDERS]
+        shm = bandwidth[(size, "shared_memory")]
+        ratios = [shm / bandwidth[(size, c)] for c in ("memcpy", "gloo", "mpi")]
+        lines.append(f"| {human(size)} | " + " | ".join(f"{c:.3f}" for c in cells) + " | "
+                     + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+    return "\n".join(lines)
+
+
+def transport_verdict(bandwidth: dict[tuple[int, str], float]) -> str:
+    large = sorted(size for size, c in bandwidth if c == "shared_memory" and size >= 16 << 20)
+    if not large:
+        return "no size >= 16 MB measured"
+    verdicts = []
+    for name, against, target in (("memcpy", "memcpy", 0.5), ("gloo", "gloo", 3.0), ("MPI", "mpi", 1.0)):
+        worst = min(bandwidth[(s, "shared_memory")] / bandwidth[(s, against)] for s in large)
+        verdicts.append(f"shm >= {target:g}x {name}: {'met' if worst >= target else 'NOT met'} (lowest {worst:.2f}x)")
+    return "targets at >= 16 MB, 2 ranks: " + "; ".join(verdicts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4 KB .. 16 MB, fewer calls")
@@ -81,6 +127,12 @@ def main() -> None:
         dl.shutdown()
     print(table(rows))
     print(verdict(rows))
+    print()
+    large = [s for s in sizes if s >= 1 << 20]
+    bandwidth = measure_transports(large, repeats)
+    dl.shutdown()
+    print(transport_table(bandwidth))
+    print(transport_verdict(bandwidth))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

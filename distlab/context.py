@@ -27,7 +27,8 @@ class Context:
         self._telemetry = telemetry.Telemetry(self.run_dir, rank)
         self.comm = Comm(self._telemetry.record_comm)
         self._watched: nn.Module | None = None
-        self._drift_every = 0
+        self._norms: telemetry.GradNormMeter | None = None
+        self._drift_every, self._norms_every = 0, 1
         self._drift: tuple[int, telemetry.Drift] | None = None  # (step measured, in flight)
 
     def __repr__(self) -> str:
@@ -36,27 +37,34 @@ class Context:
     def log(self, **scalars) -> None:
         """Record one row of scalars (e.g. step=3, loss=0.5); streamed to the notebook while running.
 
-        With a watched model and a `step`, the row also gets per-layer gradient norms, and every
-        `drift_every` steps the drift is measured (a collective: every rank must log the same steps).
+        With a watched model and a `step`, the row also gets per-layer gradient norms (every `every`-th
+        step, see `watch`), and every `drift_every` steps the drift is measured (a collective: every rank
+        must log the same steps).
         Its all-reduce overlaps the next step, so the drift of step s arrives in the next row, as
         `drift` with `drift_step` = s.
         """
+        norms = None
         if self._watched is not None and "step" in scalars:
-            scalars.update(telemetry.grad_norms(self._watched))
+            step = scalars["step"]
+            if step % self._norms_every == 0:
+                norms = self._norms.measure()
             if self._drift is not None:
                 scalars["drift_step"], scalars["drift"] = self._drift[0], self._drift[1].value()
                 self._drift = None
-            if self._drift_every and scalars["step"] % self._drift_every == 0:
-                self._drift = (scalars["step"], telemetry.Drift(self._watched, self.comm))
-        self._telemetry.log(scalars)
+            if self._drift_every and step % self._drift_every == 0:
+                self._drift = (step, telemetry.Drift(self._watched, self.comm))
+        self._telemetry.log(scalars, norms)
 
-    def watch(self, model: nn.Module, drift_every: int = 10) -> nn.Module:
-        """Record gradient norms (and drift every `drift_every` logged steps; 0 turns it off) on each
-        `ctx.log(step=...)`. A DistributedDataParallel model also gets a comm hook that counts its
-        all-reduces."""
+    def watch(self, model: nn.Module, drift_every: int = 10, every: int = 1) -> nn.Module:
+        """Record gradient norms on each `ctx.log(step=...)` whose step is a multiple of `every` (sampling:
+        1 = every step), and the drift every `drift_every` logged steps (0 turns it off). A
+        DistributedDataParallel model also gets a comm hook that counts its all-reduces."""
+        if every < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every!r}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            model.register_comm_hook(None, ddp_comm_hook(self._telemetry.record_comm))
-        self._watched, self._drift_every = model, drift_every
+            model.register_comm_hook(model.process_group, ddp_comm_hook(self._telemetry.ddp))
+        self._watched, self._drift_every, self._norms_every = model, drift_every, every
+        self._norms = telemetry.GradNormMeter(model)
         return model
 
     def drift(self, model: nn.Module) -> float:

@@ -1,13 +1,18 @@
 """What one rank records: scalar metrics, communication, per-layer gradient norms, replica drift.
 
-Everything is written as JSON lines into the run folder and flushed line by line, so a kernel that
-dies mid-run loses nothing already logged, and the notebook can tail the files while ranks run.
+Everything ends up as JSON lines in the run folder. A training step only appends its row to a buffer
+(tensors stay tensors, on their device); a background thread encodes and writes the buffer every
+`FLUSH_EVERY` seconds, and closing the rank's telemetry (at the end of a job, after a success or an
+exception, or at interpreter exit) writes the rest. So a rank that raises loses nothing, a rank killed
+outright loses at most the last `FLUSH_EVERY` seconds, and the notebook tails the files while ranks run.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -19,74 +24,180 @@ from .comm import Comm
 from .runs import append_lines
 
 OVERHEAD_TAG = "telemetry"  # what watching costs; every other tag is the algorithm's own traffic
+FLUSH_EVERY = 0.5  # seconds a record may wait in memory before it reaches the disk
+
+
+def _scalar(value):
+    return value.item() if isinstance(value, torch.Tensor) else value  # now: the tensor may change later
 
 
 def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible
     return value
 
 
+class DDPTraffic:
+    """What DDP's gradient all-reduces moved since the last row: a counter the comm hook bumps per bucket.
+
+    Bytes and calls are counted when a bucket is issued (on the thread running backward); the bucket's
+    completion only stamps the time. A row's seconds span the first bucket's issue to the last one's end:
+    the window in which the all-reduces overlapped backward."""
+
+    def __init__(self):
+        self.bytes = self.calls = 0
+        self.first_issue = self.last_done = 0.0
+
+    def issued(self, payload: int) -> None:
+        if not self.calls:
+            self.first_issue = time.perf_counter()
+        self.bytes += payload
+        self.calls += 1
+
+    def done(self, future):  # the Future.then callback: one time stamp, then hand DDP its tensor
+        self.last_done = time.perf_counter()
+        return future.value()[0]
+
+    def take(self) -> tuple[int, int, float]:
+        """(bytes, calls, seconds) since the last take, and start counting afresh."""
+        taken = (self.bytes, self.calls, max(0.0, self.last_done - self.first_issue))
+        self.bytes = self.calls = 0
+        return taken
+
+
 class Telemetry:
-    """One rank's recorder.
+    """One rank's recorder: rows buffered in memory, written by a background thread in batches.
 
-    A comm record may come from DDP's callback thread in the middle of backward: it is only queued
-    there (deque appends are thread-safe) and written with the next metrics row, off the hot path.
-    """
+    A comm record may come from a backend's thread in the middle of backward: it is only queued there
+    (deque appends are thread-safe) and counted into the next metrics row."""
 
-    def __init__(self, run_dir: Path, rank: int):
+    def __init__(self, run_dir: Path, rank: int, flush_every: float = FLUSH_EVERY):
         self.rank = rank
-        self._metrics = append_lines(run_dir, "metrics", rank)
-        self._comm = append_lines(run_dir, "comm", rank)
+        self.ddp = DDPTraffic()
+        self._files = {kind: append_lines(run_dir, kind, rank) for kind in ("metrics", "comm")}
+        self._rows: dict[str, list[dict]] = {"metrics": [], "comm": []}
         self._queued: deque[tuple] = deque()
+        self._lock = threading.Lock()  # the buffers change hands between the rank and the flusher
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_periodically, args=(flush_every,),
+                                         name=f"distlab-telemetry-rank{rank}", daemon=True)
+        self._flusher.start()
+        atexit.register(self.close)  # a script that dies of an exception still writes its last rows
 
     def record_comm(self, op: str, payload: int, seconds: float, tag: str) -> None:
         self._queued.append((time.time(), op, tag, payload, seconds))
 
-    def _write_comm(self) -> dict:
-        """Write the queued comm records; return their totals, training traffic and overhead apart."""
+    def _comm_rows(self) -> tuple[list[dict], dict]:
+        """The comm records since the last row (DDP's counted traffic as one record) and their totals,
+        training traffic and overhead apart."""
+        payload, calls, seconds = self.ddp.take()
+        if calls:
+            self._queued.append((time.time(), "all_reduce", "ddp", payload, seconds))
         totals = {"comm_bytes": 0, "comm_seconds": 0.0, "overhead_bytes": 0, "overhead_seconds": 0.0}
-        lines = []
+        rows = []
         while self._queued:
             t, op, tag, payload, seconds = self._queued.popleft()
             kind = "overhead" if tag == OVERHEAD_TAG else "comm"
             totals[f"{kind}_bytes"] += payload
             totals[f"{kind}_seconds"] += seconds
-            row = {"rank": self.rank, "t": t, "op": op, "tag": tag, "bytes": payload, "seconds": seconds}
-            lines.append(json.dumps(row) + "\n")
-        if lines:
-            self._comm.write("".join(lines))
-        return totals
+            rows.append({"rank": self.rank, "t": t, "op": op, "tag": tag, "bytes": payload, "seconds": seconds})
+        return rows, totals
 
-    def log(self, scalars: dict) -> None:
-        """One metrics row: the scalars, plus the bytes and seconds communicated since the last row."""
-        row = {"rank": self.rank, "t": time.time(), **{k: _jsonable(v) for k, v in scalars.items()}}
-        row.update(self._write_comm())
-        self._metrics.write(json.dumps(row) + "\n")
+    def log(self, scalars: dict, grad_norms: GradNorms | None = None) -> None:
+        """One metrics row: the scalars, plus the bytes and seconds communicated since the last row.
+        `grad_norms` (from GradNormMeter) stay a tensor until the row is written."""
+        comm, totals = self._comm_rows()
+        row = {"rank": self.rank, "t": time.time(), **{k: _scalar(v) for k, v in scalars.items()}, **totals}
+        if grad_norms is not None:
+            row[GradNorms.KEY] = grad_norms
+        with self._lock:
+            self._rows["metrics"].append(row)
+            self._rows["comm"] += comm
+
+    def flush(self) -> None:
+        """Write every buffered row now (each file in one write)."""
+        with self._lock:
+            rows, self._rows = self._rows, {"metrics": [], "comm": []}
+        for kind, batch in rows.items():
+            if batch:
+                self._files[kind].write("".join(json.dumps(_encoded(row)) + "\n" for row in batch))
+
+    def _flush_periodically(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.flush()
 
     def close(self) -> None:
-        self._write_comm()
-        self._metrics.close()
-        self._comm.close()
+        """Stop the flusher, write what is left, close the files. Safe to call twice."""
+        atexit.unregister(self.close)
+        if self._files["metrics"].closed:
+            return
+        self._stop.set()
+        self._flusher.join()
+        rows, _ = self._comm_rows()
+        with self._lock:
+            self._rows["comm"] += rows
+        self.flush()
+        for file in self._files.values():
+            file.close()
+
+
+def _encoded(row: dict) -> dict:
+    norms = row.pop(GradNorms.KEY, None)
+    if norms is not None:
+        row.update(norms.per_layer())
+    return {key: _jsonable(value) for key, value in row.items()}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel keeps the real model in .module
 
 
+def _layer(name: str) -> str:
+    return "grad/" + (name.rsplit(".", 1)[0] if "." in name else name)
+
+
+class GradNorms:
+    """The L2 norm of every parameter's gradient in one fused call (`torch._foreach_norm`, as
+    `clip_grad_norm_` does), kept as one tensor on the gradients' device until the row is written;
+    only then are the norms read and combined per layer (module owning parameters), as 'grad/<layer>'."""
+
+    KEY = "_grad_norms"  # where a buffered row keeps them until it is written
+
+    def __init__(self, layers: tuple[str, ...], norms: torch.Tensor):
+        self.layers, self.norms = layers, norms
+
+    def per_layer(self) -> dict[str, float]:
+        squares: dict[str, float] = {}
+        for layer, norm in zip(self.layers, self.norms.float().tolist()):
+            squares[layer] = squares.get(layer, 0.0) + norm * norm
+        return {layer: math.sqrt(square) for layer, square in squares.items()}
+
+
+class GradNormMeter:
+    """Measures GradNorms of one model, step after step; names and layers are worked out once."""
+
+    def __init__(self, model: nn.Module):
+        named = list(_unwrap(model).named_parameters())
+        self._params = [p for _, p in named]
+        self._layers = tuple(_layer(name) for name, _ in named)
+
+    def measure(self) -> GradNorms | None:
+        grads = [p.grad for p in self._params]
+        if any(g is None for g in grads):  # some parameters took no part in this backward: name the others
+            kept = [(layer, g) for layer, g in zip(self._layers, grads) if g is not None]
+            if not kept:
+                return None
+            layers, grads = zip(*kept)
+        else:
+            layers = self._layers
+        with torch.no_grad():  # gradients made with create_graph=True must not grow a graph here
+            return GradNorms(layers, torch.stack(torch._foreach_norm(grads)))
+
+
 def grad_norms(model: nn.Module) -> dict[str, float]:
     """L2 norm of the gradient of each layer (module owning parameters), keyed 'grad/<layer>'."""
-    named = [(name, p.grad) for name, p in _unwrap(model).named_parameters() if p.grad is not None]
-    if not named:
-        return {}
-    norms = torch._foreach_norm([grad.detach() for _, grad in named])  # one fused kernel, as clip_grad_norm_
-    layers: dict[str, float] = {}
-    for (name, _), norm in zip(named, torch.stack(norms).float().tolist()):  # one device sync
-        layer = "grad/" + (name.rsplit(".", 1)[0] if "." in name else name)
-        layers[layer] = layers.get(layer, 0.0) + norm**2
-    return {layer: math.sqrt(square) for layer, square in layers.items()}
+    norms = GradNormMeter(model).measure()
+    return {} if norms is None else norms.per_layer()
 
 
 class Drift:
@@ -97,11 +208,11 @@ class Drift:
     """
 
     def __init__(self, model: nn.Module, comm: Comm):
-        params = [p.detach() for p in _unwrap(model).parameters()]
-        self._flat = torch.nn.utils.parameters_to_vector(params).clone()
+        self._flat = torch.cat([p.detach().reshape(-1) for p in _unwrap(model).parameters()])
         self._sum = self._flat.clone()
         self._pending = comm.all_reduce_async(self._sum, tag=OVERHEAD_TAG)
 
     def value(self) -> float:
         self._pending.wait()
-        return (self._flat - self._sum / torch.distributed.get_world_size()).norm().item()
+        mean = self._sum.div_(torch.distributed.get_world_size())
+        return torch.linalg.vector_norm(mean.sub_(self._flat)).item()

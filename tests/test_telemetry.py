@@ -1,12 +1,19 @@
 """Telemetry: gradient norms, drift, and the bytes that communication moves, counted per rank."""
 
+import json
 import math
+import os
+import signal
+import time
 
+import pytest
 import torch
 from torch import nn
 
 import distlab as dl
-from distlab.telemetry import grad_norms
+from distlab.telemetry import FLUSH_EVERY, GradNormMeter, Telemetry, grad_norms
+from distlab.viz.figures import training_figure
+from distlab.viz.live import explain_sampling, sampling_interval
 from rank_fns import train_digits
 
 MLP_PARAMS = 64 * 32 + 32 + 32 * 10 + 10  # dl.models.mlp(64, 32, 10)
@@ -79,3 +86,99 @@ def test_comm_wrappers_record_payload_bytes_per_op():
     per_op = run.comm[run.comm["rank"] == 1].set_index("op")["bytes"].to_dict()
     assert per_op == {"all_reduce": 40, "broadcast": 40, "all_gather": 40, "recv": 40, "barrier": 0}
     assert run.metrics.set_index("rank")["comm_bytes"].to_dict() == {0: 160, 1: 160}
+
+
+# -- cheap by default: fused norms, rows written in batches, nothing lost ------------------------------
+
+def test_fused_norms_equal_per_parameter_norms_combined_per_layer():
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3), nn.Linear(3, 2, bias=False))
+    generator = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+    model[3].weight.grad = None  # a parameter that took no part in this backward
+    norms = GradNormMeter(model).measure()
+    expected = {f"grad/{i}": math.sqrt(sum(p.grad.norm().item() ** 2 for p in model[i].parameters()))
+                for i in (0, 2)}
+    for p in model.parameters():  # the next step overwrites the gradients: the measured norms must not move
+        if p.grad is not None:
+            p.grad.mul_(10)
+    per_layer = norms.per_layer()
+    assert set(per_layer) == set(expected)
+    assert all(math.isclose(per_layer[k], expected[k], rel_tol=1e-6) for k in expected)
+    assert grad_norms(model).keys() == expected.keys()
+
+
+def lines(run_dir, kind="metrics"):
+    path = run_dir / kind / "rank0.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_rows_wait_in_memory_and_all_reach_the_disk_on_close(tmp_path):
+    recorder = Telemetry(tmp_path, 0, flush_every=600)
+    for step in range(50):
+        recorder.record_comm("send", 8, 0.001, "train")
+        recorder.log({"step": step, "loss": torch.tensor(1.0 / (step + 1))})
+    assert lines(tmp_path) == []  # buffered: nothing written per step
+    recorder.close()
+    rows = lines(tmp_path)
+    assert [r["step"] for r in rows] == list(range(50)) and rows[3]["loss"] == 0.25
+    assert len(lines(tmp_path, "comm")) == 50 and all(r["comm_bytes"] == 8 for r in rows)
+    recorder.close()  # twice is harmless
+
+
+def test_rows_reach_the_disk_within_the_flush_interval_while_the_rank_runs(tmp_path):
+    recorder = Telemetry(tmp_path, 0, flush_every=0.1)
+    recorder.log({"step": 0, "loss": float("nan")})
+    deadline = time.monotonic() + 10
+    while not lines(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lines(tmp_path) == [{**lines(tmp_path)[0], "step": 0, "loss": "nan"}]  # written before any close
+    recorder.close()
+
+
+def train_sampled(ctx, steps=20, every=5):
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(dl.models.mlp(64, 32, 10))
+    ctx.watch(model, drift_every=0, every=every)
+    x, y, _, _ = dl.data.digits(ctx.rank, ctx.world_size)
+    for step in range(steps):
+        loss = nn.functional.cross_entropy(model(x[:32]), y[:32])
+        model.zero_grad()
+        loss.backward()
+        ctx.log(step=step, loss=loss.item())
+
+
+def test_sampled_norms_come_every_k_steps_and_the_dashboard_says_so(tmp_path):
+    metrics = dl.launch(train_sampled, world_size=2).metrics
+    sampled = metrics.dropna(subset=["grad/0"])
+    assert sorted(set(sampled["step"])) == [0, 5, 10, 15] and len(metrics) == 40
+    assert (metrics["comm_bytes"] == 4 * MLP_PARAMS).all()  # the hook still counts every step's all-reduce
+    assert sampling_interval(metrics) == 5
+    titles = [note.text for note in explain_sampling(training_figure(metrics), metrics).layout.annotations]
+    assert "gradient norm per layer (rank 0), every 5 steps (ctx.watch(model, every=5))" in titles
+    ctx = dl.Context(0, 1, torch.device("cpu"), "gloo", tmp_path)
+    with pytest.raises(ValueError, match="every must be a positive number of steps"):
+        ctx.watch(nn.Linear(1, 1), every=0)
+    ctx.close()
+
+
+def log_then_fail(ctx, how):
+    for step in range(5):
+        ctx.log(step=step, loss=1.0)
+    if ctx.rank == 1:
+        if how == "raise":
+            raise RuntimeError("rank 1 fails after 5 rows")
+        time.sleep(3 * FLUSH_EVERY)  # longer than the flush interval, then killed outright
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)  # rank 0 waits to be stopped
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["raise", "kill"])
+def test_a_failing_rank_loses_no_row_it_logged(how):
+    with pytest.raises(dl.RankFailure) as failure:
+        dl.launch(log_then_fail, world_size=2, how=how, timeout=60)
+    assert failure.value.rank == 1
+    metrics = dl.load_run(failure.value.run.dir).metrics
+    assert sorted(metrics[metrics["rank"] == 1]["step"]) == list(range(5))
+

@@ -44,7 +44,7 @@ class Dashboard:
         metrics = run.metrics
         self._advance(run, metrics)
         if self.widget is not None:
-            self._redraw(training_figure(metrics))
+            self._redraw(explain_sampling(training_figure(metrics), metrics))
         self._last = time.monotonic()
         # Redrawing competes with the ranks for the same cores: keep it under a tenth of the time.
         self._interval = max(self.every, 10 * (self._last - started))
@@ -75,6 +75,26 @@ class Dashboard:
             self.widget.data = ()
             self.widget.add_traces(list(fig.data))
             self.widget.layout.annotations = fig.layout.annotations
+
+
+def sampling_interval(metrics) -> int:
+    """Every how many steps the gradient norms were recorded (ctx.watch(model, every=k)): 1 if every step."""
+    columns = [c for c in metrics.columns if c.startswith("grad/")]
+    if not columns or "step" not in metrics:
+        return 1
+    first = metrics[metrics["rank"] == metrics["rank"].min()]
+    steps = first.dropna(subset=columns[:1])["step"].sort_values().diff().dropna()
+    return int(steps.min()) if len(steps) else 1
+
+
+def explain_sampling(fig: go.Figure, metrics) -> go.Figure:
+    """Say on the gradient panel's title when its norms are a sample, so a sparse curve is not misread."""
+    every = sampling_interval(metrics)
+    if every > 1:
+        for note in fig.layout.annotations:
+            if note.text.startswith("gradient norm"):
+                note.text += f", every {every} steps (ctx.watch(model, every={every}))"
+    return fig
 
 
 def _empty():
