@@ -9,6 +9,10 @@ that record:
   than what an earlier read already returned; writes get versions in their real-time order.
 - `convergence_problems`: once writes stop, every replica holds the same value for every key, and it
   is the winning write (the largest version).
+Operations the store could not complete (Op.outcome "failed" or "unknown") are left out: these checks are
+about what the store answered. distlab/consistency/linearizability.py searches for a linearization instead,
+and weighs the unknown outcomes.
+
 - `convergence_time`: seconds from the last write's completion until the last replica applied the
   final version of every key.
 """
@@ -29,9 +33,14 @@ class Violation:
     detail: str
 
 
+def answered(ops: list[Op]) -> list[Op]:
+    """The operations the store completed."""
+    return [op for op in ops if op.outcome == "ok"]
+
+
 def _by_key(ops: list[Op], kind: str) -> dict[str, list[Op]]:
     grouped = defaultdict(list)
-    for op in ops:
+    for op in answered(ops):
         if op.kind == kind:
             grouped[op.key].append(op)
     return grouped
@@ -45,11 +54,12 @@ def _latest_completed(writes: list[Op], before: float) -> tuple:
 def stale_reads(ops: list[Op]) -> list[Op]:
     """Reads that returned an older version than a write of the same key completed before the read began."""
     writes = _by_key(ops, "write")
-    return [r for r in ops if r.kind == "read" and r.version < _latest_completed(writes[r.key], r.invoke)]
+    return [r for r in answered(ops) if r.kind == "read" and r.version < _latest_completed(writes[r.key], r.invoke)]
 
 
 def stale_read_rate(ops: list[Op]) -> float:
-    reads = sum(op.kind == "read" for op in ops)
+    """Stale reads as a share of the reads answered."""
+    reads = sum(op.kind == "read" for op in answered(ops))
     return len(stale_reads(ops)) / reads if reads else 0.0
 
 

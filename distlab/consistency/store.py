@@ -10,6 +10,15 @@ Every rank holds a replica (a dict key -> (value, version)). Rank 0 is the prima
 - eventual: writes apply to the local replica, stamped (time, rank); reads are local; every
             `gossip_interval` each rank pushes its whole replica to a random peer (anti-entropy), and a
             replica keeps, per key, the value with the larger stamp (last writer wins; Demers et al. 1987).
+- quorum:   no primary; every rank is a replica and a client (Dynamo-style, N = world size). A write asks
+            R replicas for the key's version, takes (highest counter + 1, rank) and completes once W
+            replicas stored it; a read asks R replicas, takes the newest reply and writes it back until W
+            replicas hold it (read repair, as in Attiya, Bar-Noy & Dolev 1995). With R + W > N every read
+            quorum meets every write quorum, and the store is linearizable; with R + W <= N it is not.
+
+Faults (distlab/consistency/faults.py) act on these same messages: a message may be lost, delayed, or cut
+by a partition, and a replica may pause. An operation that gets no quorum, or no reply in `timeout`, raises
+Unavailable: "failed" when it surely did not happen, "unknown" when a replica may already hold it.
 
 Versions are tuples compared in order: (counter, 0) numbered by the primary, or (timestamp, rank).
 The workload records every operation (rank, key, value, version, invoke and complete times) and every
@@ -43,13 +52,24 @@ from dataclasses import dataclass
 import torch.distributed as dist
 import zmq
 
-MODES = ("strong", "weak", "eventual")
+from .faults import Faults
+
+MODES = ("strong", "weak", "eventual", "quorum")
 PRIMARY = 0
+UNAVAILABLE = "unavailable"  # the reply of a primary that could not replicate a write
 INITIAL = (0, -1)  # the version of a key never written (its value is None)
 POLL_MS = 20  # how often a waiting thread looks at its stop flag
 
 
 # -- the wire: JSON [kind, payload], checked field by field; versions travel as lists --------------------
+
+class Unavailable(RuntimeError):
+    """An operation the store could not complete. `outcome`: "failed" (it did not happen) or "unknown"."""
+
+    def __init__(self, message: str, outcome: str = "unknown"):
+        super().__init__(message)
+        self.outcome = outcome
+
 
 class Malformed(ValueError):
     """A frame that is not one of the store's messages. str(error) is the reason, the same for each kind
@@ -127,11 +147,13 @@ def decode_request(raw: bytes) -> tuple[str, object]:
 
 
 def decode_reply(kind: str, raw: bytes):
-    """The answer to a request of `kind`, tuples restored, or Malformed."""
+    """The answer to a request of `kind`, tuples restored; Malformed, or Unavailable if the replica said so."""
     try:
         answer = json.loads(raw)
     except (ValueError, RecursionError):
         raise Malformed(f"a reply to '{kind}' is not JSON") from None
+    if answer == UNAVAILABLE:
+        raise Unavailable(f"the replica could not complete the '{kind}'")
     return REPLIES[kind](answer)
 
 
@@ -146,6 +168,8 @@ class Op:
     version: tuple
     invoke: float
     complete: float
+    outcome: str = "ok"  # "ok"; "failed": it did not happen (refused, or no quorum before any replica took it);
+    # "unknown": it timed out after it may have reached a replica (may or may not have happened)
 
 
 @dataclass
@@ -165,6 +189,12 @@ class History:
                    [r["messages"] for r in results])
 
 
+def _sender(identity: bytes, default: int) -> int:
+    """The rank a store's socket names in its identity ("<rank>.<n>"); `default` for a stranger's socket."""
+    rank = identity.partition(b".")[0]
+    return int(rank) if rank.isdigit() else default
+
+
 class Network:
     """Messages between ranks over ZeroMQ, counted by kind.
 
@@ -172,8 +202,8 @@ class Network:
     not thread-safe, so every thread that sends gets its own DEALER socket per peer.
     """
 
-    def __init__(self, rank: int, timeout: float):
-        self.rank, self.timeout = rank, timeout
+    def __init__(self, rank: int, timeout: float, faults=None):
+        self.rank, self.timeout, self.faults = rank, timeout, faults
         self.context = zmq.Context()
         self.server = self.context.socket(zmq.ROUTER)
         self.server.setsockopt(zmq.LINGER, 0)
@@ -181,6 +211,9 @@ class Network:
         self.server.bind(f"ipc://{self.folder}/rank{rank}")
         self.endpoints: list[str] = []
         self.sent: Counter = Counter()
+        self.lost: Counter = Counter()  # message kind -> lost to a fault
+        self._opened = 0
+        self._later: queue.Queue = queue.Queue()  # one-way messages a fault delays: (due, dst, frame)
         self.refused: Counter = Counter()  # reason -> frames refused
         self._count_lock = threading.Lock()
         self._local = threading.local()
@@ -191,34 +224,101 @@ class Network:
         dist.all_gather_object(endpoints, self.server.getsockopt_string(zmq.LAST_ENDPOINT))
         self.endpoints = endpoints
 
-    def _count(self, kind: str) -> None:
+    def _count(self, counter: Counter, kind: str) -> None:
         with self._count_lock:
-            self.sent[kind] += 1
+            counter[kind] += 1
 
     def _socket(self, dst: int) -> zmq.Socket:
         sockets = self._local.__dict__.setdefault("sockets", {})
         if dst not in sockets:
+            with self._count_lock:
+                self._opened += 1
+                identity = f"{self.rank}.{self._opened}".encode()  # the server reads the sender's rank here
             sockets[dst] = self.context.socket(zmq.DEALER)
             sockets[dst].setsockopt(zmq.LINGER, 0)
+            sockets[dst].setsockopt(zmq.IDENTITY, identity)
             sockets[dst].setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))  # a full queue raises zmq.Again
             sockets[dst].connect(self.endpoints[dst])
         return sockets[dst]
 
+    def _forget(self, dst: int) -> None:
+        """Close this thread's socket to dst, so that a reply arriving late is never taken for the reply to the
+        next request (a request still queued in it leaves first: the socket lingers up to `timeout`)."""
+        sock = self._local.__dict__.get("sockets", {}).pop(dst, None)
+        if sock is not None:
+            sock.close(linger=int(self.timeout * 1000))
+
+    def _fate(self, dst: int, kind: str) -> float | None:
+        """What a fault does to this message: None (lost) or seconds of delay (0 on a perfect network)."""
+        fate = 0.0 if self.faults is None else self.faults.fate(self.rank, dst)
+        self._count(self.sent, kind)
+        if fate is None:
+            self._count(self.lost, kind)
+        return fate
+
     def send(self, dst: int, kind: str, payload) -> None:
-        """A one-way message."""
-        self._socket(dst).send(encode([kind, payload]))
-        self._count(kind)
+        """A one-way message (a delayed one leaves later, from the delaying thread: messages overtake)."""
+        frame, fate = encode([kind, payload]), self._fate(dst, kind)
+        if fate is None:
+            return
+        if fate > 0:
+            self._later.put((time.time() + fate, dst, frame))
+        else:
+            self._socket(dst).send(frame)
+
+    def send_delayed(self, stop: threading.Event) -> None:
+        """The delaying thread: send each delayed one-way message when it is due."""
+        waiting = []
+        while not stop.is_set():
+            try:
+                waiting.append(self._later.get(timeout=POLL_MS / 1000))
+            except queue.Empty:
+                pass
+            waiting.sort(key=lambda item: item[0])
+            while waiting and waiting[0][0] <= time.time():
+                _, dst, frame = waiting.pop(0)
+                self._socket(dst).send(frame)
+
+    def request(self, dst: int, kind: str, payload) -> None:
+        """The request half of a call: a delayed request waits here, in the caller's thread."""
+        frame, fate = encode([kind, payload]), self._fate(dst, kind)
+        if fate:
+            time.sleep(fate)
+        if fate is not None:
+            self._socket(dst).send(frame)
 
     def call(self, dst: int, kind: str, payload):
         """A request and its reply, waiting at most `timeout` seconds."""
-        sock = self._socket(dst)
-        self.send(dst, kind, payload)
-        if not sock.poll(self.timeout * 1000):
-            raise TimeoutError(f"rank {self.rank}: no reply from rank {dst} to '{kind}' within {self.timeout}s")
-        return decode_reply(kind, sock.recv())
+        return self.gather([dst], kind, payload, need=1)[dst]
+
+    def gather(self, dsts: list[int], kind: str, payload, need: int) -> dict:
+        """Send one request to each of `dsts`; return {rank: reply} once `need` replied, or raise TimeoutError
+        after `timeout` seconds. Sockets that have not replied are forgotten (their replies would come late)."""
+        deadline = time.monotonic() + self.timeout
+        for dst in dsts:
+            self.request(dst, kind, payload)
+        poller, replies = zmq.Poller(), {}
+        sockets = {self._socket(dst): dst for dst in dsts}
+        for sock in sockets:
+            poller.register(sock, zmq.POLLIN)
+        try:
+            while len(replies) < need and (left := deadline - time.monotonic()) > 0:
+                for sock, _ in poller.poll(left * 1000):
+                    replies[sockets[sock]] = sock.recv()
+        finally:
+            for dst in set(dsts) - set(replies):
+                self._forget(dst)
+        if len(replies) < need:
+            raise TimeoutError(f"rank {self.rank}: {len(replies)} of {need} replies to '{kind}' within "
+                               f"{self.timeout}s")
+        return {dst: decode_reply(kind, raw) for dst, raw in replies.items()}
 
     def receive(self) -> tuple | None:
         """(sender identity, kind, payload) of the next request, or None after POLL_MS or a refused frame."""
+        pause = self.faults.pause_left(self.rank) if self.faults else 0.0
+        if pause > 0:  # paused: requests wait in the socket, unanswered
+            time.sleep(min(pause, POLL_MS / 1000))
+            return None
         if not self.server.poll(POLL_MS):
             return None
         frames = self.server.recv_multipart()
@@ -238,8 +338,10 @@ class Network:
                   "more like it are refused without a word", file=sys.stderr, flush=True)
 
     def reply(self, identity: bytes, answer) -> None:
-        self.server.send_multipart([identity, encode(answer)])
-        self._count("reply")
+        """Answer the sender; a partition or loss applies to replies too (a delay does not: the request's did)."""
+        frame = encode(answer)
+        if self._fate(_sender(identity, self.rank), "reply") is not None:
+            self.server.send_multipart([identity, frame])
 
     def close(self) -> None:
         self.context.destroy(linger=0)
@@ -273,20 +375,25 @@ class Store:
     """This rank's replica and its client in one mode; `read` and `write` are the client's operations."""
 
     def __init__(self, rank: int, world_size: int, mode: str, propagation_delay: float = 0.02,
-                 gossip_interval: float = 0.02, timeout: float = 5.0, seed: int = 0):
+                 gossip_interval: float = 0.02, timeout: float = 5.0, seed: int = 0, quorum: tuple = (2, 2),
+                 faults=None, quorum_read=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not all(1 <= q <= world_size for q in quorum):
+            raise ValueError(f"quorum (R, W) must each be between 1 and the world size {world_size}, got {quorum!r}")
         self.rank, self.world_size, self.mode = rank, world_size, mode
         self.propagation_delay, self.gossip_interval = propagation_delay, gossip_interval
+        self.r, self.w = quorum
+        self.quorum_read = quorum_read or read_repair  # how a quorum read decides (the lab replaces it)
         self.replica = Replica()
-        self.net = Network(rank, timeout)
+        self.net = Network(rank, timeout, faults)
         self.net.connect()
         self._rng = random.Random(seed * 1000 + rank)
         self._order = threading.Lock()  # the primary numbers and applies one write at a time
         self._counter = 0
         self._outbox: queue.Queue = queue.Queue()  # weak mode: (due time, key, value, version)
         self._stop = threading.Event()
-        workers = [self._serve]
+        workers = [self._serve, self._send_delayed]
         if mode == "weak" and rank == PRIMARY:
             workers.append(self._propagate)
         if mode == "eventual" and world_size > 1:
@@ -297,7 +404,9 @@ class Store:
 
     # -- the client -----------------------------------------------------------------------------
     def read(self, key: str) -> tuple:
-        """(value, version): from the primary in strong mode, from the local replica otherwise."""
+        """(value, version): from the primary in strong mode, from R replicas in quorum mode, else local."""
+        if self.mode == "quorum":
+            return self.quorum_read(self, key)
         if self.mode == "strong" and self.rank != PRIMARY:
             return self.net.call(PRIMARY, "read", key)
         return self.replica.get(key)
@@ -309,9 +418,40 @@ class Store:
             version = (time.time(), self.rank)
             self.replica.merge(key, value, version)
             return version
+        if self.mode == "quorum":
+            return self._quorum_write(key, value)
         if self.rank != PRIMARY:
             return self.net.call(PRIMARY, "write", (key, value))
         return self._primary_write(key, value)
+
+    # -- quorums: R replicas asked, W replicas storing (this rank is always one of them) -------------
+    def ask(self, key: str) -> dict[int, tuple]:
+        """{rank: (value, version)} from R replicas, this one included; Unavailable("failed") if fewer answer."""
+        replies = {self.rank: self.replica.get(key)}
+        if self.r > 1:
+            try:
+                replies.update(self.net.gather(self._peers(), "read", key, need=self.r - 1))
+            except TimeoutError as error:
+                raise Unavailable(f"no read quorum (R = {self.r}): {error}", "failed") from None
+        return replies
+
+    def store_on(self, key: str, value, version: tuple, holders=()) -> None:
+        """Make W replicas hold (value, version): this one and peers not in `holders` (replicas known to hold
+        it already count towards W); the others get it too, without waiting. Unavailable("unknown") if fewer
+        than W acknowledge in time: some replicas may hold it already."""
+        self.replica.merge(key, value, version)
+        have = len(set(holders) | {self.rank})
+        others = [r for r in self._peers() if r not in holders]
+        try:
+            self.net.gather(others, "replicate", (key, value, version), need=max(0, self.w - have))
+        except TimeoutError as error:
+            raise Unavailable(f"no write quorum (W = {self.w}): {error}", "unknown") from None
+
+    def _quorum_write(self, key: str, value) -> tuple:
+        newest = max(version for _, version in self.ask(key).values())
+        version = (newest[0] + 1, self.rank)
+        self.store_on(key, value, version)
+        return version
 
     # -- the replica's side ---------------------------------------------------------------------
     def _primary_write(self, key: str, value) -> tuple:
@@ -320,8 +460,10 @@ class Store:
             version = (self._counter, PRIMARY)
             self.replica.merge(key, value, version)
             if self.mode == "strong":
-                for backup in self._peers():
-                    self.net.call(backup, "replicate", (key, value, version))
+                try:
+                    self.net.gather(self._peers(), "replicate", (key, value, version), need=self.world_size - 1)
+                except TimeoutError as error:
+                    raise Unavailable(f"a backup did not acknowledge: {error}", "unknown") from None
             else:
                 self._outbox.put((time.time() + self.propagation_delay, key, value, version))
         return version
@@ -353,6 +495,8 @@ class Store:
                 answer = self._handle(kind, payload)
                 if answer is not None:
                     self.net.reply(identity, answer)
+            except Unavailable:
+                self.net.reply(identity, UNAVAILABLE)
             except Exception as error:  # one bad request must not silence the replica
                 print(f"distlab store, rank {self.rank}: a '{kind}' request failed: {error!r}", file=sys.stderr,
                       flush=True)
@@ -364,15 +508,22 @@ class Store:
                 due, key, value, version = self._outbox.get(timeout=POLL_MS / 1000)
             except queue.Empty:
                 continue
-            time.sleep(max(0.0, due - time.time()))
+            time.sleep(max(0.0, due - time.time()) + self.paused())
             for backup in self._peers():
                 self.net.send(backup, "update", (key, value, version))
 
     def _gossip(self) -> None:
         """Eventual mode: every interval, push the whole replica to one random peer."""
-        while not self._stop.wait(self.gossip_interval):
+        while not self._stop.wait(self.gossip_interval + self.paused()):
             peer = self._rng.choice(self._peers())
             self.net.send(peer, "gossip", self.replica.snapshot())
+
+    def _send_delayed(self) -> None:
+        self.net.send_delayed(self._stop)
+
+    def paused(self) -> float:
+        """Seconds this replica stays paused by a fault (0 when running)."""
+        return self.net.faults.pause_left(self.rank) if self.net.faults else 0.0
 
     def _peers(self) -> list[int]:
         return [r for r in range(self.world_size) if r != self.rank]
@@ -389,14 +540,32 @@ class Store:
         self.net.close()
 
 
+def read_repair(store: Store, key: str) -> tuple:
+    """The quorum read: the newest of R replies, written back until W replicas hold it, so that no later read
+    can return anything older (without the write-back, a write that reached one replica could be seen and
+    then unseen: not linearizable)."""
+    replies = store.ask(key)
+    value, version = max(replies.values(), key=lambda reply: reply[1])
+    store.store_on(key, value, version, holders=[r for r, (_, v) in replies.items() if v == version])
+    return value, version
+
+
 def operate(store: Store, key: str, value) -> Op:
-    """One timed operation: a write when value is given, a read otherwise."""
-    invoke = time.time()
-    if value is None:
-        value, version = store.read(key)
-        return Op("read", store.rank, key, value, version, invoke, time.time())
-    version = store.write(key, value)
-    return Op("write", store.rank, key, value, version, invoke, time.time())
+    """One timed operation: a write when value is given, a read otherwise. One the store could not complete
+    is recorded with its outcome ("failed" or "unknown") and no version."""
+    time.sleep(store.paused())  # a paused process issues nothing
+    kind, invoke = ("read" if value is None else "write"), time.time()
+    try:
+        if kind == "read":
+            value, version = store.read(key)
+        else:
+            version = store.write(key, value)
+    except Unavailable as error:
+        return Op(kind, store.rank, key, value, INITIAL, invoke, time.time(), error.outcome)
+    except TimeoutError:  # a call to the primary: it may have applied the write, and a read returned nothing
+        outcome = "unknown" if kind == "write" else "failed"
+        return Op(kind, store.rank, key, value, INITIAL, invoke, time.time(), outcome)
+    return Op(kind, store.rank, key, value, version, invoke, time.time())
 
 
 def wait_until_replicas_agree(store: Store, timeout: float) -> bool:
@@ -413,20 +582,31 @@ def wait_until_replicas_agree(store: Store, timeout: float) -> bool:
 
 def run_workload(ctx, mode: str = "strong", ops: int = 100, keys: int = 4, write_fraction: float = 0.3,
                  think: float = 0.002, propagation_delay: float = 0.02, gossip_interval: float = 0.02,
-                 settle_timeout: float = 10.0, timeout: float = 5.0, seed: int = 0) -> dict:
+                 settle_timeout: float = 10.0, timeout: float = 5.0, seed: int = 0, quorum: tuple = (2, 2),
+                 schedule=None, duration: float | None = None, quorum_read=None) -> dict:
     """Rank function: `ops` random reads and writes on `keys` keys, then wait until the replicas agree.
 
     Each write stores a value no other write stores ("r<rank>.<i>"), so a read's value names its write.
     Between operations a rank thinks for a random 0..2*think seconds, so operations of ranks interleave.
+    With a fault `schedule` (distlab/consistency/faults.py), its clock starts when the operations start;
+    `duration` (seconds) stops the operations then, whatever `ops` allows, so a fault covers a known share.
     """
     if not 0 <= write_fraction <= 1:
         raise ValueError(f"write_fraction must be between 0 and 1, got {write_fraction!r}")
-    store = Store(ctx.rank, ctx.world_size, mode, propagation_delay, gossip_interval, timeout, seed)
+    starts = [None] * ctx.world_size
+    dist.all_gather_object(starts, time.time() + 0.05)  # one start for all: the schedule's time zero
+    t0 = starts[0]
+    faults = None if schedule is None else Faults(schedule, ctx.rank, t0)
+    store = Store(ctx.rank, ctx.world_size, mode, propagation_delay, gossip_interval, timeout, seed, quorum, faults,
+                  quorum_read)
     rng = random.Random(seed * 1000 + 500 + ctx.rank)
     record = []
     try:
         dist.barrier()
+        time.sleep(max(0.0, t0 - time.time()))
         for i in range(ops):
+            if duration is not None and time.time() > t0 + duration:
+                break
             key = f"k{rng.randrange(keys)}"
             value = f"r{ctx.rank}.{i}" if rng.random() < write_fraction else None
             record.append(operate(store, key, value))
@@ -438,4 +618,4 @@ def run_workload(ctx, mode: str = "strong", ops: int = 100, keys: int = 4, write
     finally:
         store.close()
     return {"ops": record, "final": store.replica.snapshot(), "applied": store.replica.applied,
-            "messages": dict(store.net.sent), "converged": converged}
+            "messages": dict(store.net.sent), "lost": dict(store.net.lost), "converged": converged, "t0": t0}

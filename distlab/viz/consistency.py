@@ -100,3 +100,63 @@ def training_figure(runs: dict[str, list[dict]], smooth: int = 5) -> go.Figure:
     """Loss against iteration and against wall time, one line per staleness bound (runs: label -> the
     results of distlab.architectures.staleness.train); the loss is a rolling mean over `smooth` iterations."""
     return loss_figure(runs, smooth, title="BSP, SSP and ASP with a straggler")
+
+
+FAULT_MODE_COLOURS = {**MODE_COLOURS, "quorum R=2 W=2": qualitative.Plotly[3], "quorum R=1 W=1": qualitative.Plotly[4]}
+
+
+def faults_figure(table) -> go.Figure:
+    """Availability during the faults and stale-read rate, per mode (bars) under each schedule (groups); the
+    text on a bar says whether the linearizability search found an order (✓) or not (✗). `table`:
+    distlab.consistency.experiments.fault_table."""
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
+        "operations answered while the faults held", "stale reads (of the reads answered)"))
+    rows = table.reset_index()
+    for mode in dict.fromkeys(rows["mode"]):
+        mine = rows[rows["mode"] == mode]
+        marks = ["✓" if r == "linearizable" else "✗" for r in mine["linearizable"]]
+        style = {"name": mode, "marker_color": FAULT_MODE_COLOURS.get(mode), "legendgroup": mode,
+                 "text": marks, "textposition": "outside", "cliponaxis": False}
+        during = mine["availability_during_fault"].fillna(mine["availability"])  # "none": the whole run
+        fig.add_bar(x=mine["schedule"], y=during, row=1, col=1, **style)
+        fig.add_bar(x=mine["schedule"], y=mine["stale_read_rate"], row=1, col=2, showlegend=False, **style)
+    fig.update_xaxes(title_text="fault schedule")
+    fig.update_yaxes(title_text="fraction of operations", range=[0, 1.12], row=1, col=1)
+    fig.update_yaxes(title_text="fraction of reads", rangemode="tozero", row=1, col=2)
+    fig.update_layout(barmode="group", height=420, legend_title_text="mode (✓ linearizable, ✗ not)",
+                      title="Under faults: who answers, who reads the past")
+    return fig
+
+
+OUTCOME_COLOURS = {"ok": "#636efa", "unknown": "#ffa15a", "failed": "#d62728", "stale": "#ab63fa"}
+
+
+def fault_timeline_figure(run) -> go.Figure:
+    """Every operation of a FaultRun (distlab.consistency.experiments) as a bar from invoke to complete, one row
+    per rank, coloured by outcome (answered, stale, timed out with unknown outcome, refused); the faults shaded."""
+    stale = set(stale_reads(run.history.ops))
+    fig = go.Figure()
+    groups = {"answered": [], "stale read": [], "unknown outcome": [], "failed": []}
+    for op in run.history.ops:
+        group = {"unknown": "unknown outcome", "failed": "failed"}.get(op.outcome, "answered")
+        groups["stale read" if op in stale else group].append(op)
+    colours = dict(zip(groups, (OUTCOME_COLOURS[k] for k in ("ok", "stale", "unknown", "failed"))))
+    for group, members in groups.items():
+        xs, ys, text = [], [], []
+        for op in members:
+            a, b = 1000 * (op.invoke - run.t0), 1000 * (op.complete - run.t0)
+            label = f"{op.kind} {op.key}={op.value} ({op.outcome})"
+            xs += [a, max(b, a + 0.5), None]
+            ys += [op.rank, op.rank, None]
+            text += [label, label, None]
+        fig.add_scatter(x=xs, y=ys, mode="lines", name=group, text=text, hoverinfo="text",
+                        line={"width": 12, "color": colours[group]})
+    start, end = run.window()
+    if end > start:  # the faults, as a filled trace (a layout shape would cost seconds of plotly imports)
+        a, b, low, high = 1000 * start, 1000 * end, -0.5, max(op.rank for op in run.history.ops) + 0.5
+        fig.add_scatter(x=[a, b, b, a, a], y=[low, low, high, high, low], fill="toself", mode="lines",
+                        fillcolor="rgba(128,128,128,0.15)", line={"width": 0}, name=run.schedule.name,
+                        hoverinfo="name")
+    fig.update_layout(title=f"{run.label} under {run.schedule.name}: every operation", height=300,
+                      xaxis_title="time since the start (ms)", yaxis_title="rank", yaxis={"dtick": 1})
+    return fig
