@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import timedelta
 from multiprocessing.connection import Connection
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import audit
 from .context import Context
 from .ranks import JOB_END, STACKS_SIGNAL, Done, Failed, Job, Ready
 from .runs import rank_file, save_result
@@ -137,15 +139,26 @@ class FreshState:
         np.random.set_state(self.rng[2])
 
 
+def place_job(device: torch.device) -> torch.device:
+    """The job's device becomes torch's default, so `torch.ones(n)` in a rank lands on ctx.device (FreshState
+    undoes it). The CPU is torch's own default: nothing to set, and no per-call cost, unless audited."""
+    device = audit.job_device(device)
+    if device != torch.device("cpu"):
+        torch.set_default_device(device)
+    return device
+
+
 def run_job(args, device: torch.device, job: Job) -> Done | Failed:
     install_sources(job.sources)
     reload_edited_modules(job.modules)
+    device = place_job(device)
     ctx = Context(args.rank, args.world_size, device, args.backend, job.run_dir, attempt=job.attempt)
     stacks, me = dump_stacks_on_request(job.run_dir, args.rank), os.getpid()
     try:
         fn, kwargs = cloudpickle.loads(job.payload)
         dist.barrier()
-        result = fn(ctx, **kwargs)
+        with audit.auditing(device) if audit.enabled() else nullcontext():
+            result = fn(ctx, **kwargs)
         leave_if_forked(me)
         ctx.finish()
         return save(job.run_dir, args.rank, result)

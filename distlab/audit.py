@@ -1,0 +1,213 @@
+"""The device audit: catch, on a CPU-only machine, the rank code that would break on a GPU.
+
+With `DISTLAB_AUDIT=1` (the test suite and the notebook runs set it) every rank runs its job under
+`DeviceAudit`, a TorchFunctionMode, and with torch.distributed's communication calls wrapped.
+
+On a GPU the rule is simple: what a rank computes with and sends lives on `ctx.device` (the worker
+makes it the default device, so `torch.ones(n)` lands there). On a CPU-only machine every tensor is
+on the CPU, so the audit makes the job's device *distinct*: the rank gets `ctx.device = cpu:0`, a
+second spelling of the CPU, and becomes the default device. A tensor is then *foreign* when it was
+made off `ctx.device` on purpose: a factory given `device="cpu"`, `.cpu()`, `.to("cpu")`,
+`torch.from_numpy` (each tagged with where it was made), and whatever is computed from foreign
+tensors only. On a GPU machine a tensor is also foreign when its device simply is not `ctx.device`.
+The audit raises `DeviceAuditError`, naming the tensor's device, the expected device and file:line, when
+- a communication call (`dist.send`, `dist.all_reduce`, ... and `ctx.comm`, which uses them) gets
+  a foreign tensor: NCCL refuses it, and gloo would move host memory behind the program's back;
+- an operation mixes a foreign tensor with tensors on `ctx.device` (0-dim tensors and the indices
+  of `x[i]` excepted, which torch moves by itself);
+- a random factory draws on `ctx.device` from a generator that lives on the CPU: on a GPU, torch
+  rejects a CPU generator for a CUDA tensor (draw with `device="cpu"` and move the result).
+
+Limits: the audit sees code run by the job's own thread (torch function modes are per thread; the
+communication wrappers see every thread); `.to(ctx.device)` of a CPU tensor returns the same tensor
+on the CPU, so the tag is dropped from that tensor itself (later use of the original goes unseen);
+tensors that arrive as the launch's arguments are not tagged; a generator made with `device=ctx.device` on a CPU-only machine cannot be
+told from a CPU one, so the audit assumes generators live on the CPU (as `data.generator`'s do).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+from torch.utils import _device
+
+ENV = "DISTLAB_AUDIT"
+TAG = "_distlab_made_off_device"  # the attribute a foreign tensor carries: (its device, where it was made)
+COMMUNICATION = ("send", "recv", "isend", "irecv", "broadcast", "all_reduce", "reduce", "all_gather",
+                 "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter",
+                 "all_to_all", "all_to_all_single", "batch_isend_irecv")
+RANDOM = {torch.rand, torch.randn, torch.randint, torch.randperm, torch.normal, torch.bernoulli,
+          torch.multinomial}
+INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__, torch.Tensor.copy_}  # torch moves their indices
+MOVES = {torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu}
+HERE = os.path.dirname(os.path.abspath(__file__))
+TORCH = os.path.dirname(torch.__file__)
+
+
+class DeviceAuditError(RuntimeError):
+    """Rank code that would break (or silently copy through host memory) on a GPU."""
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "") not in ("", "0")
+
+
+def job_device(device: torch.device) -> torch.device:
+    """The device the job is told it runs on: the rank's own, or cpu:0 (the CPU, spelled apart) under the audit."""
+    return torch.device("cpu", 0) if enabled() and device.type == "cpu" else device
+
+
+def caller() -> str:
+    """file:line of the innermost frame outside torch and this module: the code that made the call."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith((TORCH, __file__, "<frozen")):
+        frame = frame.f_back
+    return "?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+def _tensors(args, kwargs):
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, torch.Tensor))
+
+
+class DeviceAudit(TorchFunctionMode):
+    """Tags tensors made off the job's device and fails the first misuse of one (see the module's docstring)."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = device
+
+    # -- what is foreign --------------------------------------------------------------------------
+    def off_device(self, device) -> bool:
+        """On the CPU only `cpu:0` is the job's; on a GPU a device without an index is the current one."""
+        device = torch.device(device)
+        if device.type != self.device.type:
+            return True
+        if self.device.type == "cpu":
+            return device.index is None
+        return device.index not in (None, self.device.index)
+
+    def made_off_device(self, tensor: torch.Tensor):
+        """(device, where) when the tensor is foreign, else None."""
+        tag = getattr(tensor, TAG, None)
+        if tag is None and self.device.type != "cpu" and self.off_device(tensor.device):
+            return str(tensor.device), "before the audit saw it"
+        return tag
+
+    def explain(self, tensor: torch.Tensor, what: str) -> DeviceAuditError:
+        device, made = self.made_off_device(tensor)
+        return DeviceAuditError(
+            f"device audit: {what} at {caller()} got a tensor on {device} (made at {made}), but this rank's "
+            f"ctx.device is {self.device}{' (the CPU, spelled apart by the audit)' if self.device.type == 'cpu' else ''}"
+            ". On a GPU this breaks: create it with device=ctx.device (the default in a rank), or .to(ctx.device).")
+
+    # -- the mode ---------------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _device._device_constructors() or func in RANDOM:
+            return self.factory(func, args, kwargs)
+        if func in MOVES:
+            return self.move(func, args, kwargs)
+        inputs = [t for t in (_tensors(args[:1], {}) if func in INDEXING else _tensors(args, kwargs))]
+        foreign = [t for t in inputs if self.made_off_device(t) is not None]
+        if not foreign:
+            return func(*args, **kwargs)
+        mixed = [t for t in inputs if t.dim() and self.made_off_device(t) is None]
+        if mixed and any(t.dim() for t in foreign):
+            raise self.explain(next(t for t in foreign if t.dim()), f"{_name(func)} (mixed with tensors on "
+                               "ctx.device)")
+        result = func(*args, **kwargs)
+        return result if mixed else self.tag(result, self.made_off_device(foreign[0]))
+
+    def factory(self, func, args, kwargs):
+        device = kwargs.get("device") or _device.CURRENT_DEVICE or "cpu"
+        generator = kwargs.get("generator")
+        if generator is not None and self.off_device(generator.device) != self.off_device(device):
+            raise DeviceAuditError(
+                f"device audit: {_name(func)} at {caller()} draws on {device} from a generator on "
+                f"{generator.device}; on a GPU torch rejects a generator of another device. Draw with "
+                f"device='cpu' from a CPU generator and move the result with .to(ctx.device).")
+        result = func(*args, **kwargs)
+        return self.tag(result, (str(torch.device(device)), caller())) if self.off_device(device) else result
+
+    def move(self, func, args, kwargs):
+        target = torch.device("cpu") if func is torch.Tensor.cpu else _target(func, args[1:], kwargs)
+        result = func(*args, **kwargs)
+        if target is None:  # a dtype change: it stays where it was
+            tag = self.made_off_device(args[0])
+            return result if tag is None else self.tag(result, tag)
+        if self.off_device(target):  # a new tensor, even where torch hands back the same one (CPU to CPU)
+            return self.tag(result.view_as(result) if result is args[0] else result, (str(target), caller()))
+        if result is args[0] and hasattr(result, TAG):
+            delattr(result, TAG)
+        return result
+
+    @staticmethod
+    def tag(result, made):
+        if made is None:
+            return result
+        for tensor in result if isinstance(result, (list, tuple)) else (result,):
+            if isinstance(tensor, torch.Tensor):
+                setattr(tensor, TAG, made)
+        return result
+
+    # -- communication ----------------------------------------------------------------------------
+    def check_sent(self, name: str, args, kwargs) -> None:
+        tensors = list(_tensors(args, kwargs))
+        if name == "batch_isend_irecv":
+            tensors = [op.tensor for op in args[0]]
+        for tensor in tensors:
+            if self.made_off_device(tensor) is not None:
+                raise self.explain(tensor, f"dist.{name}")
+
+
+def _name(func) -> str:
+    name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
+    return name.replace("TensorBase.", "Tensor.").replace("_VariableFunctionsClass.", "torch.")
+
+
+def _target(func, args, kwargs):
+    """The device `.to(...)` / `.cuda(...)` moves to, or None when the call keeps the device."""
+    if func is torch.Tensor.cuda:
+        return torch.device("cuda", args[0] if args and isinstance(args[0], int) else torch.cuda.current_device())
+    for value in (kwargs.get("device"), *args):
+        if isinstance(value, (str, torch.device)):
+            return torch.device(value)
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
+def _checked(audit: DeviceAudit, name: str, call):
+    def checked(*args, **kwargs):
+        audit.check_sent(name, args, kwargs)
+        return call(*args, **kwargs)
+
+    checked.__wrapped__ = call
+    return checked
+
+
+@contextmanager
+def auditing(device: torch.device):
+    """Run the block under the audit for a job on `device`, torch.distributed's calls wrapped."""
+    audit = DeviceAudit(device)
+    originals = {name: getattr(dist, name) for name in COMMUNICATION if hasattr(dist, name)}
+    from_numpy = torch.from_numpy  # not a torch function: the mode never sees it
+    for name, call in originals.items():
+        setattr(dist, name, _checked(audit, name, call))
+    torch.from_numpy = lambda array: audit.tag(from_numpy(array), ("cpu", caller()))
+    try:
+        with audit:
+            yield audit
+    finally:
+        torch.from_numpy = from_numpy
+        for name, call in originals.items():
+            setattr(dist, name, call)
