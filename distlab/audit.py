@@ -7,9 +7,9 @@ On a GPU the rule is simple: what a rank computes with and sends lives on `ctx.d
 makes it the default device, so `torch.ones(n)` lands there). On a CPU-only machine every tensor is
 on the CPU, so the audit makes the job's device *distinct*: the rank gets `ctx.device = cpu:0`, a
 second spelling of the CPU, and becomes the default device. A tensor is then *foreign* when it was
-made off `ctx.device` on purpose: a factory given `device="cpu"`, `.cpu()`, `.to("cpu")`,
-`torch.from_numpy` (each tagged with where it was made), and whatever is computed from foreign
-tensors only. On a GPU machine a tensor is also foreign when its device simply is not `ctx.device`.
+made off `ctx.device` on purpose: a factory given `device="cpu"` (the string: a tensor's own
+`.device` reads "cpu" too, so `device=x.device` is trusted), `.cpu()`, `.to("cpu")`, `torch.from_numpy`
+(each tagged with where it was made), and whatever is computed from foreign tensors only. On a GPU machine a tensor is also foreign when its device simply is not `ctx.device`.
 The audit raises `DeviceAuditError`, naming the tensor's device, the expected device and file:line, when
 - a communication call (`dist.send`, `dist.all_reduce`, ... and `ctx.comm`, which uses them) gets
   a foreign tensor: NCCL refuses it, and gloo would move host memory behind the program's back;
@@ -87,13 +87,15 @@ class DeviceAudit(TorchFunctionMode):
 
     # -- what is foreign --------------------------------------------------------------------------
     def off_device(self, device) -> bool:
-        """On the CPU only `cpu:0` is the job's; on a GPU a device without an index is the current one."""
-        device = torch.device(device)
-        if device.type != self.device.type:
-            return True
+        """Is `device` (a string, a torch.device, or a tensor whose device it is) other than the job's?
+        Under the CPU audit a tensor's own `.device` reads "cpu", so there only a "cpu" written as a string
+        (or another device type) counts as foreign: `device=x.device` and `torch.device("cpu")` pass."""
+        if isinstance(device, torch.Tensor):
+            return self.made_off_device(device) is not None
+        parsed = torch.device(device)
         if self.device.type == "cpu":
-            return device.index is None
-        return device.index not in (None, self.device.index)
+            return parsed.type != "cpu" or (isinstance(device, str) and parsed.index is None)
+        return parsed.type != self.device.type or parsed.index not in (None, self.device.index)
 
     def made_off_device(self, tensor: torch.Tensor):
         """(device, where) when the tensor is foreign, else None."""
@@ -128,24 +130,36 @@ class DeviceAudit(TorchFunctionMode):
         return result if mixed else self.tag(result, self.made_off_device(foreign[0]))
 
     def factory(self, func, args, kwargs):
-        device = kwargs.get("device") or _device.CURRENT_DEVICE or "cpu"
+        device = kwargs.get("device")
+        target = device if device is not None else _device.CURRENT_DEVICE or "cpu"
         generator = kwargs.get("generator")
-        if generator is not None and self.off_device(generator.device) != self.off_device(device):
+        if generator is not None and self.wrong_generator(generator.device, device):
             raise DeviceAuditError(
-                f"device audit: {_name(func)} at {caller()} draws on {device} from a generator on "
+                f"device audit: {_name(func)} at {caller()} draws on {torch.device(target)} from a generator on "
                 f"{generator.device}; on a GPU torch rejects a generator of another device. Draw with "
                 f"device='cpu' from a CPU generator and move the result with .to(ctx.device).")
         result = func(*args, **kwargs)
-        return self.tag(result, (str(torch.device(device)), caller())) if self.off_device(device) else result
+        return self.tag(result, (str(torch.device(target)), caller())) if self.off_device(target) else result
+
+    def wrong_generator(self, generator: torch.device, device) -> bool:
+        """On a GPU: the generator's device type is not the draw's. Under the CPU audit generators are taken
+        to live on the CPU (data.generator's do): a draw onto ctx.device from one would fail on a GPU."""
+        if self.device.type != "cpu":
+            target = torch.device(device if device is not None else _device.CURRENT_DEVICE or "cpu")
+            return generator.type != target.type
+        onto_job = torch.device(device) == self.device if device is not None else \
+            _device.CURRENT_DEVICE in (None, self.device)
+        return generator.type == "cpu" and onto_job
 
     def move(self, func, args, kwargs):
-        target = torch.device("cpu") if func is torch.Tensor.cpu else _target(func, args[1:], kwargs)
+        target = "cpu" if func is torch.Tensor.cpu else _target(func, args[1:], kwargs)
         result = func(*args, **kwargs)
         if target is None:  # a dtype change: it stays where it was
             tag = self.made_off_device(args[0])
             return result if tag is None else self.tag(result, tag)
         if self.off_device(target):  # a new tensor, even where torch hands back the same one (CPU to CPU)
-            return self.tag(result.view_as(result) if result is args[0] else result, (str(target), caller()))
+            made = self.made_off_device(target) if isinstance(target, torch.Tensor) else (str(target), caller())
+            return self.tag(result.view_as(result) if result is args[0] else result, made)
         if result is args[0] and hasattr(result, TAG):
             delattr(result, TAG)
         return result
@@ -175,15 +189,11 @@ def _name(func) -> str:
 
 
 def _target(func, args, kwargs):
-    """The device `.to(...)` / `.cuda(...)` moves to, or None when the call keeps the device."""
+    """Where `.to(...)` / `.cuda(...)` moves to (a device, its spelling, or a tensor whose device it takes),
+    or None when the call keeps the device."""
     if func is torch.Tensor.cuda:
         return torch.device("cuda", args[0] if args and isinstance(args[0], int) else torch.cuda.current_device())
-    for value in (kwargs.get("device"), *args):
-        if isinstance(value, (str, torch.device)):
-            return torch.device(value)
-        if isinstance(value, torch.Tensor):
-            return value.device
-    return None
+    return next((v for v in (kwargs.get("device"), *args) if isinstance(v, (str, torch.device, torch.Tensor))), None)
 
 
 def _checked(audit: DeviceAudit, name: str, call):
