@@ -15,8 +15,10 @@ The audit raises `DeviceAuditError`, naming the tensor's device, the expected de
   a foreign tensor: NCCL refuses it, and gloo would move host memory behind the program's back;
 - an operation mixes a foreign tensor with tensors on `ctx.device` (0-dim tensors and the indices
   of `x[i]` excepted, which torch moves by itself);
-- a random factory draws on `ctx.device` from a generator that lives on the CPU: on a GPU, torch
-  rejects a CPU generator for a CUDA tensor (draw with `device="cpu"` and move the result).
+- a random factory draws on `device=ctx.device` from a generator that lives on the CPU: on a GPU torch
+  rejects a CPU generator for a CUDA tensor. (Without a `device=`, a rank's draw from a generator lands
+  on the generator's device, as DistributedSampler's shuffle needs: see worker.JobDevice. Such a draw
+  from a CPU generator is foreign.)
 
 Limits: the audit sees code run by the job's own thread (torch function modes are per thread; the
 communication wrappers see every thread); `.to(ctx.device)` of a CPU tensor returns the same tensor
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -37,7 +40,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _device
 
 ENV = "DISTLAB_AUDIT"
-TAG = "_distlab_made_off_device"  # the attribute a foreign tensor carries: (its device, where it was made)
 COMMUNICATION = ("send", "recv", "isend", "irecv", "broadcast", "all_reduce", "reduce", "all_gather",
                  "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter",
                  "all_to_all", "all_to_all_single", "batch_isend_irecv")
@@ -70,20 +72,25 @@ def caller() -> str:
     return "?" if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
 
 
-def _tensors(args, kwargs):
-    for value in (*args, *kwargs.values()):
+def _tensors(args, kwargs) -> list[torch.Tensor]:
+    found = []
+    for value in (*args, *kwargs.values()) if kwargs else args:
         if isinstance(value, torch.Tensor):
-            yield value
+            found.append(value)
         elif isinstance(value, (list, tuple)):
-            yield from (v for v in value if isinstance(v, torch.Tensor))
+            found += [v for v in value if isinstance(v, torch.Tensor)]
+    return found
 
 
 class DeviceAudit(TorchFunctionMode):
-    """Tags tensors made off the job's device and fails the first misuse of one (see the module's docstring)."""
+    """Tags tensors made off the job's device and fails the first misuse of one (see the module's docstring).
+    The tags live here, by id, each dropped when its tensor dies: the common call costs two set lookups."""
 
     def __init__(self, device: torch.device):
         super().__init__()
-        self.device = device
+        self.device, self.on_cpu = device, device.type == "cpu"
+        self.factories = frozenset(_device._device_constructors()) | RANDOM
+        self.made: dict[int, tuple[str, str]] = {}  # id of a foreign tensor -> (its device, where it was made)
 
     # -- what is foreign --------------------------------------------------------------------------
     def off_device(self, device) -> bool:
@@ -93,32 +100,35 @@ class DeviceAudit(TorchFunctionMode):
         if isinstance(device, torch.Tensor):
             return self.made_off_device(device) is not None
         parsed = torch.device(device)
-        if self.device.type == "cpu":
+        if self.on_cpu:
             return parsed.type != "cpu" or (isinstance(device, str) and parsed.index is None)
         return parsed.type != self.device.type or parsed.index not in (None, self.device.index)
 
     def made_off_device(self, tensor: torch.Tensor):
         """(device, where) when the tensor is foreign, else None."""
-        tag = getattr(tensor, TAG, None)
-        if tag is None and self.device.type != "cpu" and self.off_device(tensor.device):
+        made = self.made.get(id(tensor))
+        if made is None and not self.on_cpu and self.off_device(tensor.device):
             return str(tensor.device), "before the audit saw it"
-        return tag
+        return made
 
     def explain(self, tensor: torch.Tensor, what: str) -> DeviceAuditError:
         device, made = self.made_off_device(tensor)
+        spelled = " (the CPU, spelled apart by the audit)" if self.on_cpu else ""
         return DeviceAuditError(
             f"device audit: {what} at {caller()} got a tensor on {device} (made at {made}), but this rank's "
-            f"ctx.device is {self.device}{' (the CPU, spelled apart by the audit)' if self.device.type == 'cpu' else ''}"
-            ". On a GPU this breaks: create it with device=ctx.device (the default in a rank), or .to(ctx.device).")
+            f"ctx.device is {self.device}{spelled}. On a GPU this breaks: create it with device=ctx.device (the "
+            "default in a rank), or .to(ctx.device).")
 
     # -- the mode ---------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _device._device_constructors() or func in RANDOM:
+        if func in self.factories:
             return self.factory(func, args, kwargs)
         if func in MOVES:
             return self.move(func, args, kwargs)
-        inputs = [t for t in (_tensors(args[:1], {}) if func in INDEXING else _tensors(args, kwargs))]
+        if self.on_cpu and not self._touches_foreign(args, kwargs):
+            return func(*args, **kwargs)
+        inputs = _tensors(args[:1], {}) if func in INDEXING else _tensors(args, kwargs)
         foreign = [t for t in inputs if self.made_off_device(t) is not None]
         if not foreign:
             return func(*args, **kwargs)
@@ -129,48 +139,58 @@ class DeviceAudit(TorchFunctionMode):
         result = func(*args, **kwargs)
         return result if mixed else self.tag(result, self.made_off_device(foreign[0]))
 
+    def _touches_foreign(self, args, kwargs) -> bool:
+        """The fast path of the CPU audit: does any argument (or a list's item) carry a tag?"""
+        made = self.made
+        if not made:
+            return False
+        for value in (*args, *kwargs.values()) if kwargs else args:
+            if id(value) in made or (type(value) in (list, tuple) and any(id(v) in made for v in value)):
+                return True
+        return False
+
     def factory(self, func, args, kwargs):
-        device = kwargs.get("device")
-        target = device if device is not None else _device.CURRENT_DEVICE or "cpu"
-        generator = kwargs.get("generator")
-        if generator is not None and self.wrong_generator(generator.device, device):
+        device, generator = kwargs.get("device"), kwargs.get("generator")
+        if device is None and generator is None and self.on_cpu and _device.CURRENT_DEVICE is None:
+            return func(*args, **kwargs)  # onto the job's own device: nothing to check
+        if generator is not None and device is not None and self.wrong_generator(generator.device, device):
             raise DeviceAuditError(
-                f"device audit: {_name(func)} at {caller()} draws on {torch.device(target)} from a generator on "
+                f"device audit: {_name(func)} at {caller()} draws on {torch.device(device)} from a generator on "
                 f"{generator.device}; on a GPU torch rejects a generator of another device. Draw with "
                 f"device='cpu' from a CPU generator and move the result with .to(ctx.device).")
+        if device is None:  # a rank's draw from a generator lands on the generator's device (worker.JobDevice)
+            target = str(generator.device) if generator is not None else _device.CURRENT_DEVICE or "cpu"
+        else:
+            target = device
         result = func(*args, **kwargs)
         return self.tag(result, (str(torch.device(target)), caller())) if self.off_device(target) else result
 
     def wrong_generator(self, generator: torch.device, device) -> bool:
-        """On a GPU: the generator's device type is not the draw's. Under the CPU audit generators are taken
-        to live on the CPU (data.generator's do): a draw onto ctx.device from one would fail on a GPU."""
-        if self.device.type != "cpu":
-            target = torch.device(device if device is not None else _device.CURRENT_DEVICE or "cpu")
-            return generator.type != target.type
-        onto_job = torch.device(device) == self.device if device is not None else \
-            _device.CURRENT_DEVICE in (None, self.device)
-        return generator.type == "cpu" and onto_job
+        """A draw onto `device` from a generator of another device type. Under the CPU audit generators are
+        taken to live on the CPU (data.generator's do): one drawing onto ctx.device would fail on a GPU."""
+        if self.on_cpu:
+            return generator.type == "cpu" and torch.device(device) == self.device
+        return generator.type != torch.device(device).type
 
     def move(self, func, args, kwargs):
         target = "cpu" if func is torch.Tensor.cpu else _target(func, args[1:], kwargs)
         result = func(*args, **kwargs)
         if target is None:  # a dtype change: it stays where it was
-            tag = self.made_off_device(args[0])
-            return result if tag is None else self.tag(result, tag)
+            return self.tag(result, self.made_off_device(args[0]))
         if self.off_device(target):  # a new tensor, even where torch hands back the same one (CPU to CPU)
             made = self.made_off_device(target) if isinstance(target, torch.Tensor) else (str(target), caller())
             return self.tag(result.view_as(result) if result is args[0] else result, made)
-        if result is args[0] and hasattr(result, TAG):
-            delattr(result, TAG)
+        if result is args[0]:
+            self.made.pop(id(result), None)
         return result
 
-    @staticmethod
-    def tag(result, made):
+    def tag(self, result, made):
         if made is None:
             return result
         for tensor in result if isinstance(result, (list, tuple)) else (result,):
-            if isinstance(tensor, torch.Tensor):
-                setattr(tensor, TAG, made)
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in self.made:
+                self.made[id(tensor)] = made
+                weakref.finalize(tensor, self.made.pop, id(tensor), None)
         return result
 
     # -- communication ----------------------------------------------------------------------------

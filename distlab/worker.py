@@ -9,6 +9,7 @@ ends itself and everything it started (it leads its own process group).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import importlib
 import linecache
@@ -31,6 +32,8 @@ import torch
 import torch.distributed as dist
 
 from . import audit
+from torch.utils._device import DeviceContext, _device_constructors
+
 from .context import Context
 from .ranks import JOB_END, STACKS_SIGNAL, Done, Failed, Job, Ready
 from .runs import rank_file, save_result
@@ -139,13 +142,44 @@ class FreshState:
         np.random.set_state(self.rng[2])
 
 
+class JobDevice(DeviceContext):
+    """torch.set_default_device's mode with one exception: a draw from a generator lands on the generator's
+    device. DistributedSampler and DataLoader shuffle with a CPU generator, which torch rejects for a CUDA draw."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("device") is None and func in _device_constructors():
+            generator = kwargs.get("generator")
+            kwargs["device"] = self.device if generator is None else generator.device
+        return func(*args, **kwargs)
+
+
 def place_job(device: torch.device) -> torch.device:
-    """The job's device becomes torch's default, so `torch.ones(n)` in a rank lands on ctx.device (FreshState
-    undoes it). The CPU is torch's own default: nothing to set, and no per-call cost, unless audited."""
+    """The job's device becomes torch's default, so `torch.ones(n)` in a rank lands on ctx.device
+    (FreshState's torch.set_default_device(None) undoes it). The CPU is torch's own default: nothing to set,
+    and no per-call cost (the audit's cpu:0 too: the audit takes a tensor made without a device as made there)."""
     device = audit.job_device(device)
-    if device != torch.device("cpu"):
-        torch.set_default_device(device)
+    if device.type != "cpu":
+        torch.set_default_device(None)
+        mode = JobDevice(device)
+        mode.__enter__()
+        torch._GLOBAL_DEVICE_CONTEXT.device_context = mode  # where set_default_device keeps its own
     return device
+
+
+def on_device(value, device: torch.device):
+    """The launch's arguments with their tensors moved to the job's device (they arrive unpickled on the CPU):
+    in lists, tuples, dicts and dataclasses too, so a rank never mixes them with its own tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(on_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: on_device(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: on_device(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
+    return value
 
 
 def run_job(args, device: torch.device, job: Job) -> Done | Failed:
@@ -156,6 +190,7 @@ def run_job(args, device: torch.device, job: Job) -> Done | Failed:
     stacks, me = dump_stacks_on_request(job.run_dir, args.rank), os.getpid()
     try:
         fn, kwargs = cloudpickle.loads(job.payload)
+        kwargs = on_device(kwargs, device) if device != torch.device("cpu") else kwargs
         dist.barrier()
         with audit.auditing(device) if audit.enabled() else nullcontext():
             result = fn(ctx, **kwargs)

@@ -7,12 +7,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 import distlab as dl
 from distlab import audit, data, models
 from distlab.communication import collectives
 
 HERE = __file__.rsplit("/", 1)[-1]
+np_to_torch = torch.from_numpy
 
 
 def line_of(fn, text: str) -> int:
@@ -29,6 +31,8 @@ def correct(ctx) -> dict:
     u = torch.zeros(4, device=ctx.device) + host + torch.zeros_like(t, device=t.device)
     picks = torch.randint(4, (3,), generator=torch.Generator().manual_seed(0), device="cpu")
     u[picks] += 1  # a CPU index into a tensor on ctx.device: torch moves indices itself
+    u += torch.randn(4, generator=torch.Generator().manual_seed(1)).to(ctx.device) * 0
+    order = list(DistributedSampler(range(8), num_replicas=ctx.world_size, rank=ctx.rank, seed=0))
     ring = collectives.ring_all_reduce(torch.full((6,), float(ctx.rank)))
     got = ctx.comm.all_reduce(torch.tensor([1.0, 2.0]))
     torch.manual_seed(0)
@@ -37,7 +41,7 @@ def correct(ctx) -> dict:
     xb, yb = next(data.minibatches(x, y, 8, rank=ctx.rank))
     nn.functional.cross_entropy(model(xb), yb).backward()
     return {"device": str(ctx.device), "sum": t.tolist(), "u": u.tolist(), "ring": ring.tolist(), "comm": got.tolist(),
-            "grad_device": str(model.module[0].weight.grad.device)}
+            "grad_device": str(model.module[0].weight.grad.device), "order": order}
 
 
 def test_correct_rank_code_passes_and_the_job_device_is_spelled_apart():
@@ -46,6 +50,7 @@ def test_correct_rank_code_passes_and_the_job_device_is_spelled_apart():
         assert r["device"] == "cpu:0"  # conftest turned the audit on: the CPU, spelled apart
         assert r["sum"] == [3.0] * 4 and r["ring"] == [1.0] * 6 and r["comm"] == [2.0, 4.0]
         assert r["u"][0] in (0.0, 1.0) and r["u"][3] in (3.0, 4.0) and r["grad_device"] == "cpu"
+    assert sorted(results[0]["order"] + results[1]["order"]) == list(range(8))
 
 
 def made_on_cpu_then_sent(ctx):
@@ -71,7 +76,8 @@ def mistakes(ctx) -> dict:
         ".cpu() sent by ctx.comm": lambda: ctx.comm.all_reduce(torch.ones(3).cpu()),
         ".to('cpu') into the ring": lambda: collectives.ring_all_reduce(torch.ones(8).to("cpu")),
         "derived from a cpu tensor": lambda: dist.broadcast(torch.zeros(2, device="cpu").float() + 1, src=0),
-        "cpu generator onto ctx.device": lambda: torch.randn(3, generator=g),
+        "cpu generator onto ctx.device": lambda: torch.randn(3, generator=g, device=ctx.device),
+        "cpu generator's draw mixed": lambda: torch.randn(3, generator=g) + torch.ones(3),
     }
     said = {}
     for name, mistake in cases.items():
@@ -93,15 +99,18 @@ def test_each_kind_of_mistake_is_caught():
     assert "dist.broadcast" in said["derived from a cpu tensor"]
     assert "torch.randn" in said["cpu generator onto ctx.device"] and "generator on cpu" in said[
         "cpu generator onto ctx.device"]
+    assert "Tensor.add (mixed with tensors on ctx.device)" in said["cpu generator's draw mixed"]
     for message in said.values():
         assert f"{HERE}:" in message or "comm.py:" in message or "collectives.py:" in message
 
 
 def test_the_audit_leaves_torch_as_it_found_it():
     send = dist.all_reduce
-    with audit.auditing(torch.device("cpu", 0)):
+    with audit.auditing(torch.device("cpu", 0)) as mode:
         assert dist.all_reduce is not send
         tagged = torch.ones(2, device="cpu")
-        assert getattr(tagged, audit.TAG)[0] == "cpu"
-    assert dist.all_reduce is send and torch.from_numpy(np.ones(1)).dtype == torch.float64
-    assert not hasattr(torch.ones(2, device="cpu"), audit.TAG)
+        assert mode.made_off_device(tagged)[0] == "cpu" and mode.made_off_device(torch.ones(2)) is None
+        del tagged
+        assert not mode.made  # a tag dies with its tensor
+    assert dist.all_reduce is send and torch.from_numpy is np_to_torch
+    assert torch.overrides._get_current_function_mode_stack() == []

@@ -5,6 +5,7 @@ from functools import partial
 
 import pytest
 import torch
+from torch.utils.data import DistributedSampler
 
 import distlab as dl
 from distlab import audit, data, models, ranks, worker
@@ -63,14 +64,18 @@ def test_the_parameter_server_itself_names_the_way_out_when_wrapped():
 def test_the_job_device_is_torch_default_and_is_undone_after(monkeypatch):
     fresh = worker.FreshState(torch.get_num_threads())
     try:
-        monkeypatch.setenv(audit.ENV, "1")
-        assert worker.place_job(torch.device("cpu")) == torch.device("cpu", 0)
-        assert torch.get_default_device() == torch.device("cpu", 0) and torch.ones(1).device.type == "cpu"
+        assert worker.place_job(torch.device("meta")) == torch.device("meta")  # standing for a GPU
+        assert torch.ones(1).device.type == "meta" and torch.get_default_device().type == "meta"
+        cpu_draw = torch.randperm(6, generator=torch.Generator().manual_seed(0))  # as DistributedSampler draws
+        assert cpu_draw.device.type == "cpu" and sorted(cpu_draw.tolist()) == list(range(6))
+        assert len(list(DistributedSampler(range(6), num_replicas=2, rank=0))) == 3
         fresh.restore()
-        assert torch.get_default_device() == torch.device("cpu")
+        assert torch.get_default_device() == torch.device("cpu") and torch.ones(1).device.type == "cpu"
+        monkeypatch.setenv(audit.ENV, "1")
+        assert worker.place_job(torch.device("cpu")) == torch.device("cpu", 0)  # the audit's spelling
         monkeypatch.setenv(audit.ENV, "0")
         assert worker.place_job(torch.device("cpu")) == torch.device("cpu")
-        assert torch.utils._device.CURRENT_DEVICE is None  # plain CPU: no default-device mode, no per-call cost
+        assert torch.utils._device.CURRENT_DEVICE is None  # CPU: no default-device mode, no per-call cost
     finally:
         fresh.restore()
 

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..ranks import needs_gloo
+
 OBS, ACTIONS = 4, 2  # CartPole-v1: 4 numbers observed, push left or right (episodes end by 500 steps)
 MODES = ("sync", "async")
 SOLVED, WINDOW = 195.0, 100  # CartPole-v1's classic bar: this average return over 100 consecutive episodes
@@ -269,6 +271,7 @@ def collection_rate(weights: torch.Tensor, steps: int = 5000, seed: int = 0, hid
 
 # -- torch.distributed: rank 0 is the learner, ranks 1..N are rollout actors ---------------------------
 
+@needs_gloo("the async learner receives from whichever actor sends first (any source), which NCCL cannot")
 def train(ctx, mode: str = "sync", seed: int = 0, max_steps: int = 20_000, max_seconds: float = 60.0,
           hidden: int = 32, lr: float = 0.01, max_staleness: int = 8) -> dict:
     """Run under dl.launch. sync: every actor collects one episode with the same weights, the learner
