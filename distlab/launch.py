@@ -401,8 +401,8 @@ def _users_modules() -> dict[str, tuple[int, int]]:
     here, stamps = os.path.dirname(__file__), {}
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if not path or not path.endswith(".py") or _is_library(path) or path.startswith(here):
-            continue
+        if name == "__main__" or not path or not path.endswith(".py") or _is_library(path) or path.startswith(here):
+            continue  # a script's own functions travel by value (cloudpickle): nothing to reload
         try:
             status = os.stat(path)
         except OSError:
