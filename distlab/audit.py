@@ -15,10 +15,10 @@ The audit raises `DeviceAuditError`, naming the tensor's device, the expected de
   a foreign tensor: NCCL refuses it, and gloo would move host memory behind the program's back;
 - an operation mixes a foreign tensor with tensors on `ctx.device` (0-dim tensors and the indices
   of `x[i]` excepted, which torch moves by itself);
-- a random factory draws on `device=ctx.device` from a generator that lives on the CPU: on a GPU torch
-  rejects a CPU generator for a CUDA tensor. (Without a `device=`, a rank's draw from a generator lands
-  on the generator's device, as DistributedSampler's shuffle needs: see worker.JobDevice. Such a draw
-  from a CPU generator is foreign.)
+- a random factory draws with `device=ctx.device` from a generator that lives on the CPU: on a GPU
+  torch rejects a CPU generator for a CUDA tensor. (Without a `device=`, a rank draws from a CPU
+  generator on the CPU and moves the numbers to ctx.device, as DistributedSampler's shuffle needs:
+  see worker.JobDevice.)
 
 Limits: the audit sees code run by the job's own thread (torch function modes are per thread; the
 communication wrappers see every thread); `.to(ctx.device)` of a CPU tensor returns the same tensor
@@ -151,17 +151,14 @@ class DeviceAudit(TorchFunctionMode):
 
     def factory(self, func, args, kwargs):
         device, generator = kwargs.get("device"), kwargs.get("generator")
-        if device is None and generator is None and self.on_cpu and _device.CURRENT_DEVICE is None:
-            return func(*args, **kwargs)  # onto the job's own device: nothing to check
+        if device is None and self.on_cpu and _device.CURRENT_DEVICE is None:
+            return func(*args, **kwargs)  # onto the job's own device (a generator's draw too: worker.JobDevice)
         if generator is not None and device is not None and self.wrong_generator(generator.device, device):
             raise DeviceAuditError(
                 f"device audit: {_name(func)} at {caller()} draws on {torch.device(device)} from a generator on "
                 f"{generator.device}; on a GPU torch rejects a generator of another device. Draw with "
                 f"device='cpu' from a CPU generator and move the result with .to(ctx.device).")
-        if device is None:  # a rank's draw from a generator lands on the generator's device (worker.JobDevice)
-            target = str(generator.device) if generator is not None else _device.CURRENT_DEVICE or "cpu"
-        else:
-            target = device
+        target = device if device is not None else _device.CURRENT_DEVICE or "cpu"
         result = func(*args, **kwargs)
         return self.tag(result, (str(torch.device(target)), caller())) if self.off_device(target) else result
 

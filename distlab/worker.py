@@ -143,14 +143,17 @@ class FreshState:
 
 
 class JobDevice(DeviceContext):
-    """torch.set_default_device's mode with one exception: a draw from a generator lands on the generator's
-    device. DistributedSampler and DataLoader shuffle with a CPU generator, which torch rejects for a CUDA draw."""
+    """torch.set_default_device's mode, plus: a draw from a generator of another device (a CPU generator, as
+    DistributedSampler's) is drawn there and moved here, where torch would reject it. The same seed then
+    gives the same numbers on every device, on ctx.device."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if kwargs.get("device") is None and func in _device_constructors():
             generator = kwargs.get("generator")
-            kwargs["device"] = self.device if generator is None else generator.device
+            if generator is not None and generator.device.type != self.device.type:
+                return func(*args, **kwargs, device=generator.device).to(self.device)
+            kwargs["device"] = self.device
         return func(*args, **kwargs)
 
 

@@ -31,7 +31,7 @@ def correct(ctx) -> dict:
     u = torch.zeros(4, device=ctx.device) + host + torch.zeros_like(t, device=t.device)
     picks = torch.randint(4, (3,), generator=torch.Generator().manual_seed(0), device="cpu")
     u[picks] += 1  # a CPU index into a tensor on ctx.device: torch moves indices itself
-    u += torch.randn(4, generator=torch.Generator().manual_seed(1)).to(ctx.device) * 0
+    u += torch.randn(4, generator=torch.Generator().manual_seed(1)) * 0  # drawn on the CPU, moved to ctx.device
     order = list(DistributedSampler(range(8), num_replicas=ctx.world_size, rank=ctx.rank, seed=0))
     ring = collectives.ring_all_reduce(torch.full((6,), float(ctx.rank)))
     got = ctx.comm.all_reduce(torch.tensor([1.0, 2.0]))
@@ -77,7 +77,7 @@ def mistakes(ctx) -> dict:
         ".to('cpu') into the ring": lambda: collectives.ring_all_reduce(torch.ones(8).to("cpu")),
         "derived from a cpu tensor": lambda: dist.broadcast(torch.zeros(2, device="cpu").float() + 1, src=0),
         "cpu generator onto ctx.device": lambda: torch.randn(3, generator=g, device=ctx.device),
-        "cpu generator's draw mixed": lambda: torch.randn(3, generator=g) + torch.ones(3),
+        "cpu generator's explicit cpu draw mixed": lambda: torch.randn(3, generator=g, device="cpu") + torch.ones(3),
     }
     said = {}
     for name, mistake in cases.items():
@@ -99,7 +99,7 @@ def test_each_kind_of_mistake_is_caught():
     assert "dist.broadcast" in said["derived from a cpu tensor"]
     assert "torch.randn" in said["cpu generator onto ctx.device"] and "generator on cpu" in said[
         "cpu generator onto ctx.device"]
-    assert "Tensor.add (mixed with tensors on ctx.device)" in said["cpu generator's draw mixed"]
+    assert "Tensor.add (mixed with tensors on ctx.device)" in said["cpu generator's explicit cpu draw mixed"]
     for message in said.values():
         assert f"{HERE}:" in message or "comm.py:" in message or "collectives.py:" in message
 

@@ -5,7 +5,6 @@ from functools import partial
 
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
 
 import distlab as dl
 from distlab import audit, data, models, ranks, worker
@@ -66,10 +65,11 @@ def test_the_job_device_is_torch_default_and_is_undone_after(monkeypatch):
     try:
         assert worker.place_job(torch.device("meta")) == torch.device("meta")  # standing for a GPU
         assert torch.ones(1).device.type == "meta" and torch.get_default_device().type == "meta"
-        cpu_draw = torch.randperm(6, generator=torch.Generator().manual_seed(0))  # as DistributedSampler draws
-        assert cpu_draw.device.type == "cpu" and sorted(cpu_draw.tolist()) == list(range(6))
-        assert len(list(DistributedSampler(range(6), num_replicas=2, rank=0))) == 3
+        # a CPU generator's draw (DistributedSampler's shuffle) is drawn on the CPU and moved to the job's device
+        assert torch.randperm(6, generator=torch.Generator().manual_seed(0)).device.type == "meta"
+        on_cpu = torch.randperm(6, generator=torch.Generator().manual_seed(0), device="cpu")
         fresh.restore()
+        assert on_cpu.tolist() == torch.randperm(6, generator=torch.Generator().manual_seed(0)).tolist()
         assert torch.get_default_device() == torch.device("cpu") and torch.ones(1).device.type == "cpu"
         monkeypatch.setenv(audit.ENV, "1")
         assert worker.place_job(torch.device("cpu")) == torch.device("cpu", 0)  # the audit's spelling
