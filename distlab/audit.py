@@ -36,6 +36,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
 from torch.overrides import TorchFunctionMode
 from torch.utils import _device
 
@@ -228,8 +229,10 @@ def auditing(device: torch.device):
     audit = DeviceAudit(device)
     originals = {name: getattr(dist, name) for name in COMMUNICATION if hasattr(dist, name)}
     from_numpy = torch.from_numpy  # not a torch function: the mode never sees it
-    for name, call in originals.items():
-        setattr(dist, name, _checked(audit, name, call))
+    for name, call in originals.items():  # in c10d's own namespace too: P2POp accepts only its isend / irecv
+        checked = _checked(audit, name, call)
+        for module in (dist, c10d):
+            setattr(module, name, checked)
     torch.from_numpy = lambda array: audit.tag(from_numpy(array), ("cpu", caller()))
     try:
         with audit:
@@ -237,4 +240,5 @@ def auditing(device: torch.device):
     finally:
         torch.from_numpy = from_numpy
         for name, call in originals.items():
-            setattr(dist, name, call)
+            for module in (dist, c10d):
+                setattr(module, name, call)
