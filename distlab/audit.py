@@ -1,30 +1,32 @@
 """The device audit: catch, on a CPU-only machine, the rank code that would break on a GPU.
 
 With `DISTLAB_AUDIT=1` (the test suite and the notebook runs set it) every rank runs its job under
-`DeviceAudit`, a TorchFunctionMode, and with torch.distributed's communication calls wrapped.
+`DeviceAudit`, a TorchFunctionMode, with torch.distributed's communication calls wrapped.
 
 On a GPU the rule is simple: what a rank computes with and sends lives on `ctx.device` (the worker
-makes it the default device, so `torch.ones(n)` lands there). On a CPU-only machine every tensor is
-on the CPU, so the audit makes the job's device *distinct*: the rank gets `ctx.device = cpu:0`, a
-second spelling of the CPU, and becomes the default device. A tensor is then *foreign* when it was
-made off `ctx.device` on purpose: a factory given `device="cpu"` (the string: a tensor's own
-`.device` reads "cpu" too, so `device=x.device` is trusted), `.cpu()`, `.to("cpu")`, `torch.from_numpy`
-(each tagged with where it was made), and whatever is computed from foreign tensors only. On a GPU machine a tensor is also foreign when its device simply is not `ctx.device`.
+makes it torch's default device, so `torch.ones(n)` lands there). On a CPU-only machine every tensor
+is on the CPU, so the audit makes the job's device *distinct*: the rank gets `ctx.device = cpu:0`,
+a second spelling of the CPU, and a tensor made without a device counts as made there. A tensor is
+*foreign* when it was made off `ctx.device` on purpose: by a factory given `device="cpu"` (the
+string: a tensor's own `.device` reads "cpu" too, so `device=x.device` is trusted), `.cpu()`,
+`.to("cpu")` or `torch.from_numpy` (each remembered with where it was made), or computed from
+foreign tensors only. On a GPU a tensor is also foreign when its device simply is not `ctx.device`.
 The audit raises `DeviceAuditError`, naming the tensor's device, the expected device and file:line, when
 - a communication call (`dist.send`, `dist.all_reduce`, ... and `ctx.comm`, which uses them) gets
   a foreign tensor: NCCL refuses it, and gloo would move host memory behind the program's back;
 - an operation mixes a foreign tensor with tensors on `ctx.device` (0-dim tensors and the indices
-  of `x[i]` excepted, which torch moves by itself);
+  of `x[i]` excepted: torch moves those itself);
 - a random factory draws with `device=ctx.device` from a generator that lives on the CPU: on a GPU
-  torch rejects a CPU generator for a CUDA tensor. (Without a `device=`, a rank draws from a CPU
-  generator on the CPU and moves the numbers to ctx.device, as DistributedSampler's shuffle needs:
-  see worker.JobDevice.)
+  torch rejects it. (Without a `device=`, a rank draws from a CPU generator on the CPU and moves the
+  numbers to ctx.device, as DistributedSampler's shuffle needs: worker.JobDevice.)
 
-Limits: the audit sees code run by the job's own thread (torch function modes are per thread; the
-communication wrappers see every thread); `.to(ctx.device)` of a CPU tensor returns the same tensor
-on the CPU, so the tag is dropped from that tensor itself (later use of the original goes unseen);
-tensors that arrive as the launch's arguments are not tagged; a generator made with `device=ctx.device` on a CPU-only machine cannot be
-told from a CPU one, so the audit assumes generators live on the CPU (as `data.generator`'s do).
+Limits: the mode sees only the job's own thread (torch function modes are per thread; the
+communication wrappers see every thread), so a helper thread's tensors must say their device;
+`.to(ctx.device)` of a CPU tensor hands back the same tensor, so that tensor itself is cleared (a
+later use of it under its old name goes unseen); `torch.device("cpu")` objects and
+`with torch.device("cpu")` blocks are trusted like `x.device`; a generator made with
+`device=ctx.device` cannot be told from a CPU one here, so generators are taken to live on the CPU
+(data.generator's do). The launch's arguments arrive on ctx.device (worker.on_device).
 """
 
 from __future__ import annotations

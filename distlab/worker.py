@@ -30,10 +30,9 @@ import cloudpickle
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from . import audit
 from torch.utils._device import DeviceContext, _device_constructors
 
+from . import audit
 from .context import Context
 from .ranks import JOB_END, STACKS_SIGNAL, Done, Failed, Job, Ready
 from .runs import rank_file, save_result

@@ -64,7 +64,7 @@ def test_a_cpu_tensor_sent_fails_the_rank_naming_devices_and_lines():
     message = str(failure.value)
     assert "DeviceAuditError" in message and "dist.all_reduce" in message
     assert f"{HERE}:{line_of(made_on_cpu_then_sent, 'dist.all_reduce')}" in message  # where it was sent
-    assert f"made at " in message and f"{HERE}:{line_of(made_on_cpu_then_sent, 'torch.ones')}" in message
+    assert "made at " in message and f"{HERE}:{line_of(made_on_cpu_then_sent, 'torch.ones')}" in message
     assert "got a tensor on cpu" in message and "ctx.device is cpu:0" in message
 
 
