@@ -67,6 +67,11 @@ def job_device(device: torch.device) -> torch.device:
     return torch.device("cpu", 0) if enabled() and device.type == "cpu" else device
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether a tensor on `a` is on `b`: the CPU is one device, however spelled (cpu, the audit's cpu:0)."""
+    return a.type == b.type and (a.type == "cpu" or a.index is None or b.index is None or a.index == b.index)
+
+
 def caller() -> str:
     """file:line of the innermost frame outside torch and this module: the code that made the call."""
     frame = sys._getframe(1)
