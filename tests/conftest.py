@@ -7,7 +7,7 @@ import torch
 
 import distlab as dl
 
-os.environ["DISTLAB_AUDIT"] = "1"  # every rank of every test runs under the device audit (distlab/audit.py)
+os.environ.setdefault("DISTLAB_AUDIT", "1")  # every rank of every test runs under the device audit (distlab/audit.py)
 
 
 @pytest.fixture(autouse=True)
