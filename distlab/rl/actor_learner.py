@@ -66,7 +66,7 @@ class Agent:
         self.rng = np.random.default_rng(seed + 1000 * self.actor)
 
     def set_weights(self, flat: torch.Tensor) -> None:
-        pieces = np.split(flat[:self.cuts[-1]].double().numpy(), self.cuts[:-1])
+        pieces = np.split(flat[:self.cuts[-1]].double().cpu().numpy(), self.cuts[:-1])
         self.w1, self.b1, self.w2, self.b2 = (piece.reshape(shape) for piece, shape in zip(pieces, self.shapes))
 
     def act(self, obs: np.ndarray) -> int:
@@ -96,13 +96,15 @@ class Trajectory:
         return len(self.actions)
 
     def to_tensor(self) -> torch.Tensor:
-        """[version, actor, T, obs..., actions..., rewards...] as one float32 message."""
-        head = torch.tensor([self.version, self.actor, len(self)], dtype=torch.float32)
-        body = [torch.from_numpy(x.astype(np.float32).ravel()) for x in (self.obs, self.actions, self.rewards)]
-        return torch.cat([head, *body])
+        """[version, actor, T, obs..., actions..., rewards...] as one float32 message, on torch's default
+        device (ctx.device in a rank), where it is sent from."""
+        head = np.array([self.version, self.actor, len(self)], dtype=np.float32)
+        body = [x.astype(np.float32).ravel() for x in (self.obs, self.actions, self.rewards)]
+        return torch.from_numpy(np.concatenate([head, *body])).to(torch.get_default_device())
 
     @staticmethod
     def from_tensor(msg: torch.Tensor) -> Trajectory:
+        msg = msg.cpu()  # the arrays live in host memory
         version, actor, n = (int(x) for x in msg[:3])
         obs, actions, rewards = msg[3:].split([n * OBS, n, n])
         return Trajectory(obs.view(n, OBS).numpy().copy(), actions.long().numpy(), rewards.numpy().copy(),
@@ -178,9 +180,9 @@ class Learner:
 
     def update(self, batch: list[Trajectory]) -> float:
         """One gradient step on these episodes; advantages G_t - V(s_t), normalized over the batch."""
-        obs = torch.from_numpy(np.concatenate([t.obs for t in batch]))
-        actions = torch.from_numpy(np.concatenate([t.actions for t in batch]))
-        returns = torch.from_numpy(np.concatenate([returns_to_go(t.rewards, self.gamma) for t in batch]))
+        device = next(self.policy.parameters()).device  # the episodes arrive as host arrays
+        obs, actions, returns = (torch.from_numpy(np.concatenate(arrays)).to(device) for arrays in (
+            [t.obs for t in batch], [t.actions for t in batch], [returns_to_go(t.rewards, self.gamma) for t in batch]))
         logits, values = self.policy(obs)
         logp = torch.log_softmax(logits, -1)
         advantage = returns - values.detach()
