@@ -20,7 +20,8 @@ The audit raises `DeviceAuditError`, naming the tensor's device, the expected de
   torch rejects it. (Without a `device=`, a rank draws from a CPU generator on the CPU and moves the
   numbers to ctx.device, as DistributedSampler's shuffle needs: worker.JobDevice.)
 
-Limits: the mode sees only the job's own thread (torch function modes are per thread; the
+Torch's own code (its RPC agent, DTensor, the pipelining schedules) places its own tensors: what it
+makes and sends is not judged. Limits: the mode sees only the job's own thread (torch function modes are per thread; the
 communication wrappers see every thread), so a helper thread's tensors must say their device;
 `.to(ctx.device)` of a CPU tensor hands back the same tensor, so that tensor itself is cleared (a
 later use of it under its old name goes unseen); `torch.device("cpu")` objects and
@@ -70,6 +71,15 @@ def job_device(device: torch.device) -> torch.device:
 def same_device(a: torch.device, b: torch.device) -> bool:
     """Whether a tensor on `a` is on `b`: the CPU is one device, however spelled (cpu, the audit's cpu:0)."""
     return a.type == b.type and (a.type == "cpu" or a.index is None or b.index is None or a.index == b.index)
+
+
+def inside_torch() -> bool:
+    """Whether the call the audit is looking at comes from torch's own code (its RPC agent, DTensor, the
+    pipelining schedules): torch places its own tensors; the audit judges the code that calls torch."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    return frame is not None and frame.f_code.co_filename.startswith(TORCH)
 
 
 def caller() -> str:
@@ -168,7 +178,9 @@ class DeviceAudit(TorchFunctionMode):
                 f"device='cpu' from a CPU generator and move the result with .to(ctx.device).")
         target = device if device is not None else _device.CURRENT_DEVICE or "cpu"
         result = func(*args, **kwargs)
-        return self.tag(result, (str(torch.device(target)), caller())) if self.off_device(target) else result
+        if self.off_device(target) and not inside_torch():
+            return self.tag(result, (str(torch.device(target)), caller()))
+        return result
 
     def wrong_generator(self, generator: torch.device, device) -> bool:
         """A draw onto `device` from a generator of another device type. Under the CPU audit generators are
@@ -182,7 +194,7 @@ class DeviceAudit(TorchFunctionMode):
         result = func(*args, **kwargs)
         if target is None:  # a dtype change: it stays where it was
             return self.tag(result, self.made_off_device(args[0]))
-        if self.off_device(target):  # a new tensor, even where torch hands back the same one (CPU to CPU)
+        if self.off_device(target) and not inside_torch():  # a new tensor, even where torch hands back the same one
             made = self.made_off_device(target) if isinstance(target, torch.Tensor) else (str(target), caller())
             return self.tag(result.view_as(result) if result is args[0] else result, made)
         if result is args[0]:
@@ -223,7 +235,8 @@ def _target(func, args, kwargs):
 
 def _checked(audit: DeviceAudit, name: str, call):
     def checked(*args, **kwargs):
-        audit.check_sent(name, args, kwargs)
+        if not inside_torch():
+            audit.check_sent(name, args, kwargs)
         return call(*args, **kwargs)
 
     checked.__wrapped__ = call
