@@ -151,7 +151,9 @@ class JobDevice(DeviceContext):
         if kwargs.get("device") is None and func in _device_constructors():
             generator = kwargs.get("generator")
             if generator is not None and generator.device.type != self.device.type:
-                return func(*args, **kwargs, device=generator.device).to(self.device)
+                wants_grad = kwargs.pop("requires_grad", False)  # the moved copy is the leaf
+                drawn = func(*args, **{**kwargs, "device": generator.device}).to(self.device)
+                return drawn.requires_grad_() if wants_grad else drawn
             kwargs["device"] = self.device
         return func(*args, **kwargs)
 

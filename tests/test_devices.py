@@ -67,6 +67,8 @@ def test_the_job_device_is_torch_default_and_is_undone_after(monkeypatch):
         assert torch.ones(1).device.type == "meta" and torch.get_default_device().type == "meta"
         # a CPU generator's draw (DistributedSampler's shuffle) is drawn on the CPU and moved to the job's device
         assert torch.randperm(6, generator=torch.Generator().manual_seed(0)).device.type == "meta"
+        leaf = torch.randn(3, generator=torch.Generator(), device=None, requires_grad=True)
+        assert leaf.device.type == "meta" and leaf.is_leaf and leaf.requires_grad
         on_cpu = torch.randperm(6, generator=torch.Generator().manual_seed(0), device="cpu")
         fresh.restore()
         assert on_cpu.tolist() == torch.randperm(6, generator=torch.Generator().manual_seed(0)).tolist()
