@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import distlab as dl
-from distlab import audit, data, models, ranks, worker
+from distlab import audit, data, gpt, models, ranks, worker
 from distlab.architectures import parameter_server as ps
 from distlab.communication import rpc
 
@@ -95,3 +95,13 @@ def test_models_and_data_draw_on_the_cpu_whatever_the_default_device():
     xb_ref, yb_ref = next(data.minibatches(x_ref, y_ref, 16, seed=2, rank=1))
     assert torch.equal(x, x_ref) and torch.equal(x_test, x_test_ref)
     assert torch.equal(xb, xb_ref) and torch.equal(yb, yb_ref)
+
+
+def test_the_launchs_tensor_arguments_arrive_on_the_jobs_device():
+    config = ps.Config(steps=3)
+    args = {"x": torch.ones(2), "pair": (torch.zeros(1), 3), "fed": [torch.ones(1)], "config": config,
+            "cfg": gpt.GPTConfig()}
+    moved = worker.on_device(args, torch.device("meta"))
+    assert moved["x"].device.type == "meta" and moved["pair"][0].device.type == "meta" and moved["pair"][1] == 3
+    assert moved["fed"][0].device.type == "meta" and moved["config"] == config and moved["cfg"] == args["cfg"]
+    assert args["x"].device.type == "cpu"  # the launcher's own objects are left as they were
