@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # CUDA build of the same release from PyPI.
 TORCH  ?= torch==2.13.0
 
-.PHONY: lab test setup browser clean
+.PHONY: lab test setup browser clean gpu-check
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m pytest
+
+# The one prepared GPU check (benchmarks/gpu_check.py): every notebook's rank functions on this machine's
+# GPUs, checked against the CPU, and the GPU figures, in one table ($(OUT) or runs/gpu_check).
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs

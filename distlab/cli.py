@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from .context import Context
 from .launch import launch, place
+from .ranks import gloo_reason
 from .runs import make_run_dir, new_run_dir, save_result, write_config
+from .worker import place_job
 
 
 def load_function(spec: str):
@@ -55,10 +57,11 @@ def _store_of_this_attempt(rank: int, world_size: int, attempt: int) -> dist.Sto
 def run_under_torchrun(fn, kwargs: dict, runs_root: str | None) -> None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    placement = place(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # the same rule as dl.launch, per machine
+    placement = place(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), needs_gloo=gloo_reason(fn))  # dl.launch's rule
     device, backend = torch.device(placement.devices[local_rank]), placement.backend
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        place_job(device)  # torch's default device, as in a dl.launch rank
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     dist.init_process_group(backend, store=_store_of_this_attempt(rank, world_size, attempt), rank=rank,
                             world_size=world_size, timeout=timedelta(minutes=30))
@@ -96,7 +99,7 @@ def main(argv=None) -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         run_under_torchrun(fn, kwargs, args.runs_root)
         return
-    place(args.world_size, args.backend)
+    place(args.world_size, args.backend, gloo_reason(fn))
     result = launch(fn, args.world_size, backend=args.backend, timeout=args.timeout,
                     runs_root=args.runs_root, **kwargs)
     for rank, value in enumerate(result.results):

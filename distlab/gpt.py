@@ -112,12 +112,15 @@ class Head(nn.Module):
 
 
 def gpt(cfg: GPTConfig | None = None, seed: int = 0) -> nn.Sequential:
-    """The model as layers: [Embedding, Block x n_layer, Head]; the same `seed` gives the same weights."""
+    """The model as layers: [Embedding, Block x n_layer, Head]; the same `seed` gives the same weights on
+    every device (drawn on the CPU, then moved to torch's default device: ctx.device in a rank)."""
     cfg = cfg or GPTConfig()
     if cfg.d_model % cfg.n_head:
         raise ValueError(f"d_model={cfg.d_model} must be divisible by n_head={cfg.n_head}")
     torch.manual_seed(seed)
-    return nn.Sequential(Embedding(cfg), *[Block(cfg) for _ in range(cfg.n_layer)], Head(cfg))
+    with torch.device("cpu"):
+        model = nn.Sequential(Embedding(cfg), *[Block(cfg) for _ in range(cfg.n_layer)], Head(cfg))
+    return model.to(torch.get_default_device())
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -135,7 +138,7 @@ def corpus(max_chars: int | None = 200_000) -> str:
 def encode(text: str) -> torch.Tensor:
     """Characters to ids in CHARS; anything outside printable ASCII becomes '?'."""
     lookup = {c: i for i, c in enumerate(CHARS)}
-    return torch.tensor([lookup.get(c, UNKNOWN) for c in text], dtype=torch.long)
+    return torch.tensor([lookup.get(c, UNKNOWN) for c in text], dtype=torch.long, device="cpu")
 
 
 def decode(ids: torch.Tensor) -> str:
@@ -143,11 +146,12 @@ def decode(ids: torch.Tensor) -> str:
 
 
 def batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator):
-    """Random windows of `block_size` characters and the same windows shifted by one (the targets)."""
-    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator)
+    """Random windows of `block_size` characters and the same windows shifted by one (the targets), drawn
+    on the CPU from a CPU generator (the same on every device), on torch's default device."""
+    starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=generator, device="cpu")
     x = torch.stack([data[s:s + block_size] for s in starts.tolist()])
     y = torch.stack([data[s + 1:s + 1 + block_size] for s in starts.tolist()])
-    return x, y
+    return x.to(torch.get_default_device()), y.to(torch.get_default_device())
 
 
 @cache

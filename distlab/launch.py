@@ -26,7 +26,7 @@ from multiprocessing.connection import wait as wait_any
 import cloudpickle
 import torch
 
-from .ranks import Failed, Job, PoolShape, RankPool, default_threads, place
+from .ranks import Failed, Job, PoolShape, RankPool, default_threads, gloo_reason, place
 from .runs import Run, append_lines, new_run_dir, rank_file, write_config, write_failure
 
 START_TIMEOUT = float(os.environ.get("DISTLAB_START_TIMEOUT", "300"))  # cold start: python + import torch
@@ -401,8 +401,8 @@ def _users_modules() -> dict[str, tuple[int, int]]:
     here, stamps = os.path.dirname(__file__), {}
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if not path or not path.endswith(".py") or _is_library(path) or path.startswith(here):
-            continue
+        if name == "__main__" or not path or not path.endswith(".py") or _is_library(path) or path.startswith(here):
+            continue  # a script's own functions travel by value (cloudpickle): nothing to reload
         try:
             status = os.stat(path)
         except OSError:
@@ -471,7 +471,8 @@ def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: flo
            oversubscribe: bool = False, **kwargs) -> Run:
     """Run `fn(ctx, **kwargs)` on `world_size` ranks; returns the Run (results, metrics, dir).
 
-    backend: "auto" (NCCL when each rank has its own GPU, gloo otherwise), "gloo" or "nccl".
+    backend: "auto" (NCCL when each rank has its own GPU, gloo otherwise), "gloo" or "nccl". A function
+        marked `@ranks.needs_gloo(why)` (the parameter server, RPC) gets gloo, over CUDA tensors on GPUs.
     timeout: seconds the job may take before `LaunchTimeout` (start-up not counted).
     live: True for the live dashboard (figures + progress bar), or an object with update(run)/close(run).
     block: False returns at once; then run.wait(), run.stop(), run.status.
@@ -484,7 +485,7 @@ def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: flo
     """
     global _active
     _check_arguments(fn, world_size, timeout, restarts, oversubscribe, kwargs)
-    placement = place(world_size, backend)
+    placement = place(world_size, backend, gloo_reason(fn))
     payload = _pickle(fn, kwargs)
     threads = threads or default_threads(world_size)
     if _active is not None:

@@ -10,14 +10,18 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 
-def mlp(*sizes: int) -> nn.Sequential:
-    """A multi-layer perceptron: mlp(64, 32, 10) is Linear(64,32) -> ReLU -> Linear(32,10)."""
+def mlp(*sizes: int, device=None) -> nn.Sequential:
+    """A multi-layer perceptron: mlp(64, 32, 10) is Linear(64,32) -> ReLU -> Linear(32,10).
+
+    Its weights are drawn from the CPU's random stream, then moved to `device` (default: torch's default
+    device, ctx.device in a rank): under one seed it is the same model on every device."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
+    with torch.device("cpu"):
+        for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+            layers.append(nn.Linear(n_in, n_out))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+    return nn.Sequential(*layers).to(torch.get_default_device() if device is None else device)
 
 
 def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:

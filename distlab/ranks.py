@@ -93,22 +93,46 @@ class Failed:
     symptom: bool  # a broken collective after a peer went away, not a root cause
 
 
-def place(world_size: int, backend: str = "auto") -> Placement:
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def needs_gloo(reason: str):
+    """Mark a rank function NCCL cannot run, saying why (e.g. "it receives from any source"):
+    backend="auto" then picks gloo for it (over CUDA tensors where there are GPUs); "nccl" is refused."""
+    def mark(fn):
+        fn.needs_gloo = reason
+        return fn
+
+    return mark
+
+
+def gloo_reason(fn) -> str | None:
+    """Why `fn` (or the function a functools.partial wraps) needs gloo, or None."""
+    return getattr(fn, "needs_gloo", None) or getattr(getattr(fn, "func", None), "needs_gloo", None)
+
+
+def place(world_size: int, backend: str = "auto", needs_gloo: str | None = None) -> Placement:
     """Which backend and device each rank gets: one GPU per rank (NCCL) when there are enough,
-    ranks sharing the GPUs over gloo when there are fewer, CPU over gloo otherwise."""
+    ranks sharing the GPUs over gloo when there are fewer, CPU over gloo otherwise. A function that
+    `needs_gloo` gets gloo over the GPUs, one per rank where there are enough."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = gpu_count()
+    if backend == "nccl" and needs_gloo:
+        raise ValueError(f"backend='nccl' cannot run this function: {needs_gloo}. Use backend='auto' (gloo, "
+                         "over CUDA tensors where there are GPUs) or backend='gloo'.")
     if backend == "nccl" and gpus < world_size:
         raise ValueError(
             f"backend='nccl' needs one GPU per rank: {world_size} ranks, {gpus} GPU(s) here. "
             "Use backend='auto' (gloo on CPU, or ranks sharing GPUs) or a smaller world_size."
         )
-    if gpus >= world_size and backend != "gloo":
+    if gpus >= world_size and backend != "gloo" and not needs_gloo:
         return Placement("nccl", tuple(f"cuda:{r}" for r in range(world_size)), "one GPU per rank, NCCL")
     if gpus:
         devices = tuple(f"cuda:{r % gpus}" for r in range(world_size))
-        return Placement("gloo", devices, f"{world_size} ranks sharing {gpus} GPU(s) over gloo")
+        shared = f"{world_size} ranks sharing {gpus} GPU(s)" if gpus < world_size else "one GPU per rank"
+        return Placement("gloo", devices, f"{shared} over gloo" + (f" ({needs_gloo})" if needs_gloo else ""))
     return Placement("gloo", ("cpu",) * world_size, "CPU, gloo")
 
 

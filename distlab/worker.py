@@ -9,6 +9,7 @@ ends itself and everything it started (it leads its own process group).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import faulthandler
 import importlib
 import linecache
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import timedelta
 from multiprocessing.connection import Connection
 
@@ -28,7 +30,9 @@ import cloudpickle
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils._device import DeviceContext, _device_constructors
 
+from . import audit
 from .context import Context
 from .ranks import JOB_END, STACKS_SIGNAL, Done, Failed, Job, Ready
 from .runs import rank_file, save_result
@@ -137,15 +141,63 @@ class FreshState:
         np.random.set_state(self.rng[2])
 
 
+class JobDevice(DeviceContext):
+    """torch.set_default_device's mode, plus: a draw from a generator of another device (a CPU generator, as
+    DistributedSampler's) is drawn there and moved here, where torch would reject it. The same seed then
+    gives the same numbers on every device, on ctx.device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("device") is None and func in _device_constructors():
+            generator = kwargs.get("generator")
+            if generator is not None and generator.device.type != self.device.type:
+                wants_grad = kwargs.pop("requires_grad", False)  # the moved copy is the leaf
+                drawn = func(*args, **{**kwargs, "device": generator.device}).to(self.device)
+                return drawn.requires_grad_() if wants_grad else drawn
+            kwargs["device"] = self.device
+        return func(*args, **kwargs)
+
+
+def place_job(device: torch.device) -> torch.device:
+    """The job's device becomes torch's default, so `torch.ones(n)` in a rank lands on ctx.device
+    (FreshState's torch.set_default_device(None) undoes it). The CPU is torch's own default: nothing to set,
+    and no per-call cost (the audit's cpu:0 too: the audit takes a tensor made without a device as made there)."""
+    device = audit.job_device(device)
+    if device.type != "cpu":
+        torch.set_default_device(None)
+        mode = JobDevice(device)
+        mode.__enter__()
+        torch._GLOBAL_DEVICE_CONTEXT.device_context = mode  # where set_default_device keeps its own
+    return device
+
+
+def on_device(value, device: torch.device):
+    """The launch's arguments with their tensors moved to the job's device (they arrive unpickled on the CPU):
+    in lists, tuples, dicts and dataclasses too, so a rank never mixes them with its own tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(on_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: on_device(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: on_device(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
+    return value
+
+
 def run_job(args, device: torch.device, job: Job) -> Done | Failed:
     install_sources(job.sources)
     reload_edited_modules(job.modules)
+    device = place_job(device)
     ctx = Context(args.rank, args.world_size, device, args.backend, job.run_dir, attempt=job.attempt)
     stacks, me = dump_stacks_on_request(job.run_dir, args.rank), os.getpid()
     try:
         fn, kwargs = cloudpickle.loads(job.payload)
+        kwargs = on_device(kwargs, device) if device != torch.device("cpu") else kwargs
         dist.barrier()
-        result = fn(ctx, **kwargs)
+        with audit.auditing(device) if audit.enabled() else nullcontext():
+            result = fn(ctx, **kwargs)
         leave_if_forked(me)
         ctx.finish()
         return save(job.run_dir, args.rank, result)

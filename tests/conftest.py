@@ -7,6 +7,8 @@ import torch
 
 import distlab as dl
 
+os.environ.setdefault("DISTLAB_AUDIT", "1")  # every rank of every test runs under the device audit (distlab/audit.py)
+
 
 @pytest.fixture(autouse=True)
 def runs_root(tmp_path, monkeypatch):

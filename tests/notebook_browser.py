@@ -136,7 +136,7 @@ def run_headless(path: Path, timeout: float = 600) -> NotebookReport:
                                 kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(_kernelspec(tmp / "data"))]))
         nb = nbformat.read(copy, as_version=4)
         env = dict(os.environ, DISTLAB_RUNS=str(tmp / "runs"), DISTLAB_PROGRESS=str(tmp / "progress.jsonl"),
-                   IPYTHONDIR=str(tmp / "ipython"), **{MARKER: tag})
+                   IPYTHONDIR=str(tmp / "ipython"), DISTLAB_AUDIT="1", **{MARKER: tag})
         client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=True,
                                 resources={"metadata": {"path": str(copy.parent)}})
         try:
@@ -205,7 +205,7 @@ def _start_lab(tmp: Path, root: Path, token: str, tag: str) -> tuple[subprocess.
                JUPYTER_DATA_DIR=str(data), JUPYTER_PATH=str(data), JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"), IPYTHONDIR=str(tmp / "ipython"),
                JUPYTER_PLATFORM_DIRS="1", DISTLAB_RUNS=str(tmp / "runs"),
-               DISTLAB_PROGRESS=str(tmp / "progress.jsonl"), **{MARKER: tag})
+               DISTLAB_PROGRESS=str(tmp / "progress.jsonl"), DISTLAB_AUDIT="1", **{MARKER: tag})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -35,6 +35,9 @@ from torch import nn
 
 from .. import data, models
 from ..comm import nbytes
+from ..ranks import needs_gloo
+
+ANY_SOURCE = "a server receives from any source, which NCCL cannot"
 
 PULL, PUSH, BYE, TOMBSTONE = 0, 1, 2, 3  # message kinds, worker -> server
 HEADER, PAYLOAD, REPLY_HEADER, REPLY_PAYLOAD = 1, 2, 3, 4  # point-to-point tags
@@ -79,8 +82,9 @@ class Config:
     def check(self, world_size: int, backend: str) -> None:
         """What depends on the launch: gloo (a server receives from any source), and who may serve or work."""
         if backend != "gloo":
-            raise ValueError(f"the parameter server needs backend='gloo' (it receives from any source), "
-                             f"got {backend!r}")
+            raise ValueError(f"the parameter server needs backend='gloo' ({ANY_SOURCE}), got {backend!r}: launch "
+                             "ps.run or ps.train themselves (backend='auto' picks gloo for them, over CUDA tensors "
+                             "on GPUs), mark your own function @distlab.ranks.needs_gloo(...), or pass backend='gloo'")
         if not 1 <= self.servers < world_size:
             raise ValueError(f"servers must be between 1 and world_size - 1 = {world_size - 1}, got {self.servers}")
         for name in ("slow_rank", "crash_rank"):
@@ -180,7 +184,7 @@ def run_worker(ctx, worker: Worker, config: Config, t0: float) -> dict:
         if not worker.pull(step):
             break
         waited = time.perf_counter() - start
-        if slow or torch.rand(1, generator=hiccups).item() < config.jitter:
+        if slow or torch.rand(1, generator=hiccups, device="cpu").item() < config.jitter:
             time.sleep(config.delay)
         grad, loss = models.gradient(worker.model, *next(worker.batches))
         worker.push(step, grad)
@@ -198,18 +202,19 @@ def run_worker(ctx, worker: Worker, config: Config, t0: float) -> dict:
 
 # -- the server ----------------------------------------------------------------------------------------
 
-def receive_messages(inbox: queue.Queue, shard: int, n_workers: int, counts: dict) -> None:
+def receive_messages(inbox: queue.Queue, shard: int, n_workers: int, counts: dict, device: torch.device) -> None:
     """The server's receiving thread: every header (and push payload) from any worker, queued in order.
+    A thread has torch's own default device, not the job's: its tensors say `device`.
 
     It ends after one last message from each worker: BYE, or the TOMBSTONE of one that crashed.
     """
     endings = 0
     while endings < n_workers:
-        header = torch.zeros(4, dtype=torch.int64)
+        header = torch.zeros(4, dtype=torch.int64, device=device)
         src = dist.recv(header, src=None, tag=HEADER)
         grad = None
         if header[0] == PUSH:
-            grad = torch.empty(shard)
+            grad = torch.empty(shard, device=device)
             dist.recv(grad, src=src, tag=PAYLOAD)
         counts[src] = counts.get(src, 0) + nbytes(header) + (0 if grad is None else nbytes(grad))
         endings += int(header[0] in (BYE, TOMBSTONE))
@@ -311,7 +316,7 @@ def run_server(ctx, bounds: list[tuple[int, int]], config: Config, t0: float) ->
     server = Server(params, workers, config, t0)
     inbox: queue.Queue = queue.Queue()
     bytes_in: dict[int, int] = {}
-    receiver = threading.Thread(target=receive_messages, args=(inbox, hi - lo, len(workers), bytes_in),
+    receiver = threading.Thread(target=receive_messages, args=(inbox, hi - lo, len(workers), bytes_in, ctx.device),
                                 daemon=True)
     receiver.start()
     busy, messages = 0.0, 0
@@ -338,6 +343,7 @@ def run_server(ctx, bounds: list[tuple[int, int]], config: Config, t0: float) ->
 
 # -- the rank function ---------------------------------------------------------------------------------
 
+@needs_gloo(ANY_SOURCE)
 def run(ctx, config: Config | None = None, **options) -> dict:
     """Train the digits MLP on a parameter server with staleness bound `staleness` (0 BSP, inf ASP).
 
@@ -364,6 +370,7 @@ def run(ctx, config: Config | None = None, **options) -> dict:
 MODES = {"sync": 0, "async": math.inf}
 
 
+@needs_gloo(ANY_SOURCE)
 def train(ctx, mode: str = "sync", **options) -> dict:
     """The parameter server in its two classic modes: "sync" (BSP, s = 0) or "async" (ASP, s = inf)."""
     if mode not in MODES:

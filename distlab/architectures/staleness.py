@@ -17,6 +17,7 @@ import math
 from . import parameter_server
 
 
+@parameter_server.needs_gloo(parameter_server.ANY_SOURCE)
 def train(ctx, staleness: float = 0, **options) -> dict:
     """Train the digits MLP under staleness bound `staleness` (0 BSP, integer SSP, math.inf ASP).
 

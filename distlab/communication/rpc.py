@@ -18,6 +18,8 @@ import warnings
 import torch
 from torch.distributed import rpc
 
+from ..ranks import needs_gloo
+
 
 def available() -> bool:
     """torch.distributed.rpc is missing from some builds (e.g. some Windows and macOS wheels)."""
@@ -67,6 +69,11 @@ class Counter:
         return self.total, sorted(self.calls)
 
 
+def host(value: float) -> torch.Tensor:
+    """What an RPC carries: TensorPipe moves CPU tensors unless given a device map, whatever the rank's device."""
+    return torch.tensor([value], device="cpu")
+
+
 def where_am_i(x: torch.Tensor) -> tuple[str, torch.Tensor]:
     """Runs on the callee: it says who it is, and squares what it was sent."""
     return rpc.get_worker_info().name, x * x
@@ -77,13 +84,14 @@ def contribute(counter, rank: int) -> float:
     return counter.rpc_sync().add(float(rank + 1), rank)
 
 
+@needs_gloo("RPC beside an NCCL group is beyond this demo: its TensorPipe agent carries CPU tensors")
 def demo(ctx) -> dict:
     """rpc_sync and rpc_async to the other ranks; rank 0 creates a Counter on the last rank (rpc.remote),
     passes its RRef to every rank, and each adds rank + 1 to it."""
     start(ctx)
     right = worker((ctx.rank + 1) % ctx.world_size)
-    callee, squared = rpc.rpc_sync(right, where_am_i, args=(torch.tensor([ctx.rank + 1.0]),))
-    futures = [rpc.rpc_async(worker(r), where_am_i, args=(torch.tensor([float(r)]),)) for r in range(ctx.world_size)]
+    callee, squared = rpc.rpc_sync(right, where_am_i, args=(host(ctx.rank + 1.0),))
+    futures = [rpc.rpc_async(worker(r), where_am_i, args=(host(float(r)),)) for r in range(ctx.world_size)]
     result = {"callee": callee, "squared": squared.item(), "answers": [f.wait()[0] for f in futures]}
     if ctx.rank == 0:
         counter = rpc.remote(worker(ctx.world_size - 1), Counter)  # returns at once: an RRef

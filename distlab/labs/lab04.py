@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import audit
 from ..architectures import gossip
 from ..architectures import topology as topo
 from .grading import Passed, Wrong, call_student, exercise, first_difference, on_ranks, point_to_point_only
@@ -139,6 +140,7 @@ def run_step(ctx, solution, graphs: dict = STEP_GRAPHS) -> list[dict]:
         outcomes.append({"x": x.cpu(), "grad": grad.cpu(), "expected": expected.cpu(), "peers": peers,
                          "got": got.detach().cpu() if is_tensor else got,
                          "device": str(got.device) if is_tensor else None, "rank_device": str(ctx.device),
+                         "on_device": is_tensor and audit.same_device(got.device, ctx.device),
                          "transfers": list(transfers)})
     return outcomes
 
@@ -197,7 +199,7 @@ def _explain_values(outcomes: list[dict], name: str, case: int, graph: list) -> 
             raise Wrong(f"{name}: rank {rank} returned {type(got).__name__} "
                         f"{tuple(got.shape) if isinstance(got, torch.Tensor) else ''}: return the new parameters, "
                         f"a tensor of shape {tuple(expected.shape)}")
-        if o[case]["device"] != o[case]["rank_device"]:
+        if not o[case]["on_device"]:
             raise Wrong(f"{name}: rank {rank} returned a tensor on {o[case]['device']}; keep it on ctx.device "
                         f"({o[case]['rank_device']})")
         difference = first_difference(got, expected)

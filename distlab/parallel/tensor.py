@@ -140,7 +140,8 @@ def shard_of(name: str, full: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
 
 def block_input(batch: int = 4, cfg: gpt.GPTConfig | None = None, seed: int = 1) -> torch.Tensor:
     cfg = cfg or gpt.GPTConfig()
-    return torch.randn(batch, cfg.block_size, cfg.d_model, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(batch, cfg.block_size, cfg.d_model, generator=torch.Generator().manual_seed(seed), device="cpu")
+    return x.to(torch.get_default_device())  # drawn on the CPU: the same input on every device
 
 
 def sharded_block_step(ctx, seed: int = 0) -> dict:

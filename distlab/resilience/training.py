@@ -90,7 +90,7 @@ def train(ctx, steps: int = 60, lr: float = 0.1, batch: int = 32, hidden: int = 
     if deadline:
         deadline.close()
     with torch.no_grad():
-        accuracy = (model(x_test.to(ctx.device)).argmax(1).cpu() == y_test).float().mean().item()
+        accuracy = (model(x_test.to(ctx.device)).argmax(1) == y_test.to(ctx.device)).float().mean().item()
     params = nn.utils.parameters_to_vector(model.parameters()).detach().cpu()
     return {"params": params, "accuracy": accuracy, "resumed_from": start}
 

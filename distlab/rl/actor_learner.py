@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..ranks import needs_gloo
+
 OBS, ACTIONS = 4, 2  # CartPole-v1: 4 numbers observed, push left or right (episodes end by 500 steps)
 MODES = ("sync", "async")
 SOLVED, WINDOW = 195.0, 100  # CartPole-v1's classic bar: this average return over 100 consecutive episodes
@@ -64,7 +66,7 @@ class Agent:
         self.rng = np.random.default_rng(seed + 1000 * self.actor)
 
     def set_weights(self, flat: torch.Tensor) -> None:
-        pieces = np.split(flat[:self.cuts[-1]].double().numpy(), self.cuts[:-1])
+        pieces = np.split(flat[:self.cuts[-1]].double().cpu().numpy(), self.cuts[:-1])
         self.w1, self.b1, self.w2, self.b2 = (piece.reshape(shape) for piece, shape in zip(pieces, self.shapes))
 
     def act(self, obs: np.ndarray) -> int:
@@ -94,13 +96,15 @@ class Trajectory:
         return len(self.actions)
 
     def to_tensor(self) -> torch.Tensor:
-        """[version, actor, T, obs..., actions..., rewards...] as one float32 message."""
-        head = torch.tensor([self.version, self.actor, len(self)], dtype=torch.float32)
-        body = [torch.from_numpy(x.astype(np.float32).ravel()) for x in (self.obs, self.actions, self.rewards)]
-        return torch.cat([head, *body])
+        """[version, actor, T, obs..., actions..., rewards...] as one float32 message, on torch's default
+        device (ctx.device in a rank), where it is sent from."""
+        head = np.array([self.version, self.actor, len(self)], dtype=np.float32)
+        body = [x.astype(np.float32).ravel() for x in (self.obs, self.actions, self.rewards)]
+        return torch.from_numpy(np.concatenate([head, *body])).to(torch.get_default_device())
 
     @staticmethod
     def from_tensor(msg: torch.Tensor) -> Trajectory:
+        msg = msg.cpu()  # the arrays live in host memory
         version, actor, n = (int(x) for x in msg[:3])
         obs, actions, rewards = msg[3:].split([n * OBS, n, n])
         return Trajectory(obs.view(n, OBS).numpy().copy(), actions.long().numpy(), rewards.numpy().copy(),
@@ -176,9 +180,9 @@ class Learner:
 
     def update(self, batch: list[Trajectory]) -> float:
         """One gradient step on these episodes; advantages G_t - V(s_t), normalized over the batch."""
-        obs = torch.from_numpy(np.concatenate([t.obs for t in batch]))
-        actions = torch.from_numpy(np.concatenate([t.actions for t in batch]))
-        returns = torch.from_numpy(np.concatenate([returns_to_go(t.rewards, self.gamma) for t in batch]))
+        device = next(self.policy.parameters()).device  # the episodes arrive as host arrays
+        obs, actions, returns = (torch.from_numpy(np.concatenate(arrays)).to(device) for arrays in (
+            [t.obs for t in batch], [t.actions for t in batch], [returns_to_go(t.rewards, self.gamma) for t in batch]))
         logits, values = self.policy(obs)
         logp = torch.log_softmax(logits, -1)
         advantage = returns - values.detach()
@@ -269,6 +273,7 @@ def collection_rate(weights: torch.Tensor, steps: int = 5000, seed: int = 0, hid
 
 # -- torch.distributed: rank 0 is the learner, ranks 1..N are rollout actors ---------------------------
 
+@needs_gloo("the async learner receives from whichever actor sends first (any source), which NCCL cannot")
 def train(ctx, mode: str = "sync", seed: int = 0, max_steps: int = 20_000, max_seconds: float = 60.0,
           hidden: int = 32, lr: float = 0.01, max_staleness: int = 8) -> dict:
     """Run under dl.launch. sync: every actor collects one episode with the same weights, the learner
