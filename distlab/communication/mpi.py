@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-MARK = "distlab-mpi "  # the line each rank prints its result on
+MARK = "distlab-mpi "  # the line rank 0 prints every rank's result on
 ONE_MACHINE = {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "shm"}  # no sockets between local ranks
 
 
@@ -40,18 +40,19 @@ def run(task: str, world_size: int = 2, timeout: float = 120, **args) -> list[di
         raise ValueError(f"task must be one of {tuple(TASKS)}, got {task!r}")
     # The file itself, not `-m distlab...`: the MPI ranks import neither torch nor distlab (seconds each).
     argv = [mpiexec(), "-n", str(world_size), sys.executable, __file__, task, json.dumps(args)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **ONE_MACHINE}, start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        output, errors = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # mpiexec and its ranks share the session's group
         proc.communicate()
         raise TimeoutError(f"mpiexec -n {world_size} ({task}) did not finish within {timeout} s") from None
-    results = [json.loads(line[len(MARK):]) for line in output.splitlines() if line.startswith(MARK)]
-    if proc.returncode != 0 or len(results) != world_size:
-        raise RuntimeError(f"mpiexec -n {world_size} ({task}) failed (exit {proc.returncode}):\n{output[-3000:]}")
-    return sorted(results, key=lambda r: r["rank"])
+    lines = [line[len(MARK):] for line in output.splitlines() if line.startswith(MARK)]
+    if proc.returncode != 0 or len(lines) != 1:
+        raise RuntimeError(f"mpiexec -n {world_size} ({task}) failed (exit {proc.returncode}):\n"
+                           f"{(output + errors)[-3000:]}")
+    return json.loads(lines[0])
 
 
 # -- what the MPI ranks run (imports mpi4py, so only inside them) -----------------------------------
@@ -96,8 +97,9 @@ def main() -> None:
 
     task, args = sys.argv[1], json.loads(sys.argv[2])
     comm = MPI.COMM_WORLD
-    result = {"rank": comm.rank, **TASKS[task](comm, **args)}
-    print(MARK + json.dumps(result), flush=True)
+    results = comm.gather({"rank": comm.rank, **TASKS[task](comm, **args)}, root=0)
+    if comm.rank == 0:  # one line from one process: ranks sharing a pipe would interleave theirs
+        print(MARK + json.dumps(results), flush=True)
 
 
 if __name__ == "__main__":
