@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import distlab as dl
-from distlab import audit
 from conftest import gone, rank_processes
+from distlab import audit
 from rank_fns import add
 
 

@@ -12,6 +12,8 @@ count of Korthikanti et al. 2022 (https://arxiv.org/abs/2205.05198), redone for 
 
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -126,13 +128,34 @@ def allocated(run) -> tuple[int, int]:
     per-op allocation records laid end to end in time (an op's own peak inside it is not seen: a lower bound)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():
+        prof.start()
+    try:
         run()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
     live = peak = 0
     for event in sorted(prof.events(), key=lambda e: e.time_range.start):
         live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return peak, live
+
+
+@contextmanager
+def _quiet_stderr():
+    """File descriptor 2 sent to /dev/null: kineto prints a 'USDT ... profiler_start/stop' line from C++ at each
+    start and stop, which a rank would stream into the notebook's cell."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def cuda_peak(run, device: torch.device) -> int:
