@@ -1,6 +1,8 @@
 """The store under faults, on real ranks: who stays available, who stays linearizable, who converges."""
 
 import math
+import os
+import stat
 
 import pytest
 
@@ -148,3 +150,32 @@ def test_the_table_has_one_row_per_run_with_what_the_histories_say(runs):
         assert math.isclose(row["messages_per_op"], sent / len(run.history.ops))
     eventual = table.loc[("partition 0,1 | 2", "eventual")]
     assert eventual["lost_messages"] > 0  # gossip across the partition was cut
+
+
+# -- faults ordered by hand (the notebook's panel) --------------------------------------------------
+def test_a_network_control_is_private_and_read_live_message_by_message():
+    control = faults.NetworkControl()
+    assert stat.S_IMODE(os.stat(control.folder).st_mode) == 0o700  # no other local user reads or rewrites it
+    view = control.faults(rank=2, t0=0.0)
+    assert view.fate(2, 0) == 0.0
+    control.order("partition", groups=(MAJORITY, MINORITY))
+    assert view.fate(2, 0) is None and view.fate(0, 1) == 0.0  # the next message already sees the order
+    control.order("heal")
+    assert view.fate(0, 2) == 0.0
+
+
+@pytest.mark.timeout(120)
+def test_a_partition_ordered_by_hand_reaches_every_rank_and_becomes_the_runs_schedule():
+    control = faults.NetworkControl()
+    control.order("partition", groups=(MAJORITY, MINORITY))
+    run = experiments.start_under_control("quorum R=2 W=2", control, duration=0.6)
+    run.wait()
+    control.order("heal")
+    result = experiments.fault_run("quorum R=2 W=2", run, control)
+    minority, majority = side(result, MINORITY), side(result, MAJORITY)
+    assert minority and all(op.outcome != "ok" for op in minority)
+    assert majority and all(op.outcome == "ok" for op in majority)
+    assert linearizability.check(result.history.ops).ok
+    partitioned, healed = result.schedule.events
+    assert (partitioned.kind, healed.kind) == ("partition", "heal")
+    assert partitioned.at < 0 < 0.6 < healed.at  # ordered before the operations began, healed after they ended

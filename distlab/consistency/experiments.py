@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..launch import launch
 from . import checker, linearizability
-from .faults import NONE, Schedule, lossy, partition, paused
+from .faults import NONE, NetworkControl, Schedule, lossy, partition, paused
 from .store import History, Op, run_workload
 
 MODES = {  # label -> the store's knobs
@@ -64,16 +64,35 @@ class FaultRun:
 def run_under_faults(label: str, schedule: Schedule = NONE, duration: float = 1.1, reply_timeout: float = 0.15,
                      seed: int = 0, launch_timeout: float = 90, runs_root: str | None = None, **knobs) -> FaultRun:
     """The workload of store.run_workload on three ranks, in mode `label` (a key of MODES), under `schedule`."""
+    run = _launch(label, schedule, duration, reply_timeout, seed, launch_timeout, runs_root, True, knobs)
+    return fault_run(label, run, schedule)
+
+
+def start_under_control(label: str, control: NetworkControl, duration: float = 8.0, reply_timeout: float = 0.15,
+                        seed: int = 0, launch_timeout: float = 120, **knobs):
+    """The same workload, started without waiting (a dl.Run), its network ordered live through `control`
+    (the notebook's panel); once `run.wait()` returns, `fault_run(label, run, control)`."""
+    return _launch(label, control, duration, reply_timeout, seed, launch_timeout, None, False, knobs)
+
+
+def _launch(label, schedule, duration, reply_timeout, seed, launch_timeout, runs_root, block, knobs):
     if label not in MODES:
         raise ValueError(f"label must be one of {sorted(MODES)}, got {label!r}")
     mode = MODES[label]["mode"]
     work = functools.partial(run_workload, timeout=reply_timeout)  # launch's own `timeout` bounds the launch
     options = {"ops": 10_000, "think": 0.004, "settle_timeout": SETTLE.get(mode, 0.3), **MODES[label], **knobs}
-    run = launch(work, world_size=WORLD, timeout=launch_timeout, quiet=True, runs_root=runs_root, schedule=schedule,
-                 duration=duration, seed=seed, **options)
-    history = History.from_results(mode, run.results)
+    return launch(work, world_size=WORLD, timeout=launch_timeout, quiet=True, runs_root=runs_root, block=block,
+                  schedule=schedule, duration=duration, seed=seed, **options)
+
+
+def fault_run(label: str, run, schedule: Schedule | NetworkControl) -> FaultRun:
+    """A finished launch of the workload as a FaultRun (a live control's orders become its schedule)."""
+    history = History.from_results(MODES[label]["mode"], run.results)
+    t0 = run.results[0]["t0"]
+    if isinstance(schedule, NetworkControl):
+        schedule = schedule.schedule(t0)
     lost = sum(sum(r["lost"].values()) for r in run.results)
-    return FaultRun(label, schedule, history, run.results[0]["t0"], lost, all(r["converged"] for r in run.results))
+    return FaultRun(label, schedule, history, t0, lost, all(r["converged"] for r in run.results))
 
 
 def _share_answered(ops: list[Op]) -> float | None:

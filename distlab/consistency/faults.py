@@ -13,13 +13,19 @@ one clock here), and a seed, so a run is reproducible up to the operating system
 
 `Faults` is one rank's view of the schedule: `fate(src, dst)` says, for one message, lost (None) or after
 how many seconds it leaves; `pause_left(rank)` how long that rank stays frozen.
+
+`NetworkControl` is the live version, for a notebook's panel: faults ordered by hand while the workload
+runs, written to a file in a private folder that every rank's `LiveFaults` reads message by message.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 KINDS = ("partition", "drop", "delay", "pause", "heal")
 
@@ -51,6 +57,10 @@ class Schedule:
     events: tuple[Event, ...] = ()
     seed: int = 0
 
+    def faults(self, rank: int, t0: float) -> Faults:
+        """Rank `rank`'s view of this schedule, its clock started at `t0`."""
+        return Faults(self, rank, t0)
+
     def describe(self) -> str:
         said = {"partition": lambda e: "partition " + " | ".join(",".join(map(str, g)) for g in e.groups),
                 "drop": lambda e: f"drop {e.fraction:.0%}", "delay": lambda e: f"delay up to {e.ms:.0f} ms",
@@ -78,6 +88,23 @@ def paused(rank: int, seconds: float, start: float = 0.25) -> Schedule:
 
 
 NONE = Schedule("none")
+PERFECT = {"groups": (), "fraction": 0.0, "ms": 0.0, "paused": {}}
+
+
+def after(state: dict, event: Event, when: float) -> dict:
+    """The network once `event` has happened at wall-clock time `when`."""
+    state = {**state, "paused": dict(state["paused"])}
+    if event.kind == "heal":
+        state.update(groups=(), fraction=0.0, ms=0.0)
+    elif event.kind == "partition":
+        state["groups"] = event.groups
+    elif event.kind == "drop":
+        state["fraction"] = event.fraction
+    elif event.kind == "delay":
+        state["ms"] = event.ms
+    elif event.kind == "pause":
+        state["paused"][event.rank] = when + event.seconds
+    return state
 
 
 @dataclass
@@ -96,20 +123,11 @@ class Faults:
     def state(self, now: float | None = None) -> dict:
         """The network as it is now: {"groups", "fraction", "ms", "paused": {rank: until}}."""
         elapsed = (time.time() if now is None else now) - self.t0
-        state = {"groups": (), "fraction": 0.0, "ms": 0.0, "paused": {}}
+        state = PERFECT
         for event in self.schedule.events:
             if event.at > elapsed:
                 break
-            if event.kind == "heal":
-                state.update(groups=(), fraction=0.0, ms=0.0)
-            elif event.kind == "partition":
-                state["groups"] = event.groups
-            elif event.kind == "drop":
-                state["fraction"] = event.fraction
-            elif event.kind == "delay":
-                state["ms"] = event.ms
-            elif event.kind == "pause":
-                state["paused"][event.rank] = self.t0 + event.at + event.seconds
+            state = after(state, event, self.t0 + event.at)
         return state
 
     def apart(self, src: int, dst: int, groups: tuple) -> bool:
@@ -130,3 +148,52 @@ class Faults:
     def pause_left(self, rank: int) -> float:
         """Seconds `rank` stays paused from now (0 when it is running)."""
         return max(0.0, self.state()["paused"].get(rank, 0.0) - time.time())
+
+
+class NetworkControl:
+    """Faults ordered by hand while a workload runs (the notebook's panel), for every rank at once.
+
+    The network's state lives in a file of a private (0700) folder, replaced whole at each order, so a rank
+    reads either the old state or the new one. Pass the control as the workload's `schedule`: each rank then
+    reads the file for every message it sends. Every order is kept with its wall-clock time, so the run's
+    figure can shade what was done (`schedule(t0)`)."""
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="distlab-network-")
+        self.path = os.path.join(self.folder, "network.json")
+        self.orders: list[Event] = []
+        self._state = PERFECT
+        self._write()
+
+    def order(self, kind: str, **fields) -> None:
+        """Change the network now: `kind` and the fields of an `Event` (groups, fraction, ms, rank, seconds)."""
+        event = Event(time.time(), kind, **fields)
+        self._state = after(self._state, event, event.at)
+        self.orders.append(event)
+        self._write()
+
+    def _write(self) -> None:
+        temporary = self.path + ".new"
+        with open(temporary, "w") as file:
+            json.dump(self._state, file)
+        os.replace(temporary, self.path)
+
+    def faults(self, rank: int, t0: float) -> LiveFaults:
+        return LiveFaults(NONE, rank, t0, path=self.path)
+
+    def schedule(self, t0: float) -> Schedule:
+        """The orders given so far as a Schedule whose clock starts at `t0` (a run's start)."""
+        return Schedule("faults ordered by hand", tuple(replace(e, at=e.at - t0) for e in self.orders))
+
+
+@dataclass
+class LiveFaults(Faults):
+    """One rank's view of a NetworkControl: the state as the notebook last wrote it."""
+
+    path: str = ""
+
+    def state(self, now: float | None = None) -> dict:
+        with open(self.path) as file:
+            raw = json.load(file)
+        return {"groups": tuple(tuple(g) for g in raw["groups"]), "fraction": raw["fraction"], "ms": raw["ms"],
+                "paused": {int(rank): until for rank, until in raw["paused"].items()}}

@@ -52,8 +52,6 @@ from dataclasses import dataclass
 import torch.distributed as dist
 import zmq
 
-from .faults import Faults
-
 MODES = ("strong", "weak", "eventual", "quorum")
 PRIMARY = 0
 UNAVAILABLE = "unavailable"  # the reply of a primary that could not replicate a write
@@ -588,7 +586,8 @@ def run_workload(ctx, mode: str = "strong", ops: int = 100, keys: int = 4, write
 
     Each write stores a value no other write stores ("r<rank>.<i>"), so a read's value names its write.
     Between operations a rank thinks for a random 0..2*think seconds, so operations of ranks interleave.
-    With a fault `schedule` (distlab/consistency/faults.py), its clock starts when the operations start;
+    With a fault `schedule` (distlab/consistency/faults.py: a Schedule, or a NetworkControl for faults ordered
+    live), its clock starts when the operations start;
     `duration` (seconds) stops the operations then, whatever `ops` allows, so a fault covers a known share.
     """
     if not 0 <= write_fraction <= 1:
@@ -596,7 +595,7 @@ def run_workload(ctx, mode: str = "strong", ops: int = 100, keys: int = 4, write
     starts = [None] * ctx.world_size
     dist.all_gather_object(starts, time.time() + 0.05)  # one start for all: the schedule's time zero
     t0 = starts[0]
-    faults = None if schedule is None else Faults(schedule, ctx.rank, t0)
+    faults = None if schedule is None else schedule.faults(ctx.rank, t0)
     store = Store(ctx.rank, ctx.world_size, mode, propagation_delay, gossip_interval, timeout, seed, quorum, faults,
                   quorum_read)
     rng = random.Random(seed * 1000 + 500 + ctx.rank)

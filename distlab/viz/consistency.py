@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipywidgets as widgets
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
@@ -160,3 +161,39 @@ def fault_timeline_figure(run) -> go.Figure:
     fig.update_layout(title=f"{run.label} under {run.schedule.name}: every operation", height=300,
                       xaxis_title="time since the start (ms)", yaxis_title="rank", yaxis={"dtick": 1})
     return fig
+
+
+def network_panel(control, world_size: int) -> widgets.VBox:
+    """Buttons that partition, drop, delay, pause or heal the store's network while its workload runs."""
+    alone = widgets.Dropdown(options=list(range(world_size)), value=world_size - 1, description="rank")
+    fraction = widgets.IntSlider(value=30, min=0, max=100, step=10, description="drop (%)")
+    delay = widgets.IntSlider(value=50, min=0, max=300, step=10, description="delay (ms)")
+    pause = widgets.IntSlider(value=500, min=100, max=2000, step=100, description="pause (ms)")
+    log = widgets.HTML("The network is perfect. Start the workload below, then order faults here.")
+
+    def partition():
+        rest = tuple(r for r in range(world_size) if r != alone.value)
+        return "partition", {"groups": (rest, (alone.value,))}, f"rank {alone.value} cut off from {rest}"
+
+    orders = {  # button -> what it orders now: (kind, the event's fields, what the log says)
+        "Partition": partition,
+        "Drop": lambda: ("drop", {"fraction": fraction.value / 100}, f"drop {fraction.value}% of messages"),
+        "Delay": lambda: ("delay", {"ms": float(delay.value)}, f"delay each message up to {delay.value} ms"),
+        "Pause": lambda: ("pause", {"rank": alone.value, "seconds": pause.value / 1000},
+                          f"pause rank {alone.value} for {pause.value} ms"),
+        "Heal": lambda: ("heal", {}, "heal: a perfect network"),
+    }
+
+    def on_click(label):
+        def click(_button):
+            kind, fields, said = orders[label]()
+            control.order(kind, **fields)
+            log.value = f"Ordered: {said} ({len(control.orders)} orders so far)"
+        return click
+
+    buttons = []
+    for label in orders:
+        button = widgets.Button(description=label, button_style="success" if label == "Heal" else "warning")
+        button.on_click(on_click(label))
+        buttons.append(button)
+    return widgets.VBox([widgets.HBox([alone, fraction]), widgets.HBox([delay, pause]), widgets.HBox(buttons), log])
