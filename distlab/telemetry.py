@@ -14,6 +14,7 @@ import json
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 
@@ -65,6 +66,12 @@ class DDPTraffic:
         return taken
 
 
+def flush_open() -> None:
+    """Write every open recorder's buffered rows now: this rank is about to be killed (its launcher is gone)."""
+    for recorder in list(_OPEN):
+        recorder.flush()
+
+
 class Telemetry:
     """One rank's recorder: rows buffered in memory, written by a background thread in batches.
 
@@ -83,6 +90,7 @@ class Telemetry:
                                          name=f"distlab-telemetry-rank{rank}", daemon=True)
         self._flusher.start()
         atexit.register(self.close)  # a script that dies of an exception still writes its last rows
+        _OPEN.add(self)
 
     def record_comm(self, op: str, payload: int, seconds: float, tag: str) -> None:
         self._queued.append((time.time(), op, tag, payload, seconds))
@@ -129,6 +137,7 @@ class Telemetry:
     def close(self) -> None:
         """Stop the flusher, write what is left, close the files. Safe to call twice."""
         atexit.unregister(self.close)
+        _OPEN.discard(self)
         if self._files["metrics"].closed:
             return
         self._stop.set()
@@ -139,6 +148,9 @@ class Telemetry:
         self.flush()
         for file in self._files.values():
             file.close()
+
+
+_OPEN: weakref.WeakSet[Telemetry] = weakref.WeakSet()  # the recorders flush_open writes out
 
 
 def _encoded(row: dict) -> dict:

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._device import DeviceContext, _device_constructors
 
-from . import audit
+from . import audit, telemetry
 from .context import Context
 from .ranks import JOB_END, STACKS_SIGNAL, Done, Failed, Job, Ready
 from .runs import rank_file, save_result
@@ -52,10 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def end_this_rank(scratch: str | None = None) -> None:
     """This rank and every process it started. Rank 0 also removes the pool's scratch folder, which
-    nobody else will once the launcher is gone."""
-    if scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
-    os.killpg(0, signal.SIGKILL)
+    nobody else will once the launcher is gone. What the job logged is written first: nothing logged is lost."""
+    try:
+        telemetry.flush_open()
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        os.killpg(0, signal.SIGKILL)
 
 
 def read_commands(commands: Connection, jobs: queue.Queue, scratch: str | None) -> None:
