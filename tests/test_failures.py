@@ -99,8 +99,9 @@ def test_twenty_launches_leak_no_process_thread_or_file():
 
 
 LAUNCHER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     import distlab as dl
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a kernel, even where our parent ignores it
     from rank_fns import hang_in_collective
     try:
         dl.launch(hang_in_collective, world_size=2)
@@ -127,11 +128,15 @@ def _start_launcher(tmp_path) -> tuple[subprocess.Popen, list[int]]:
 
 def test_sigint_to_the_launcher_stops_every_rank_and_the_next_launch_works(tmp_path):
     proc, pids = _start_launcher(tmp_path)
-    proc.send_signal(signal.SIGINT)  # what Kernel -> Interrupt does
-    assert gone(pids, within=5)
-    out, _ = proc.communicate(timeout=120)
-    assert "INTERRUPTED" in out and "NEXT [0, 10]" in out
-    assert proc.returncode == 0
+    try:
+        proc.send_signal(signal.SIGINT)  # what Kernel -> Interrupt does
+        assert gone(pids, within=5)
+        out, _ = proc.communicate(timeout=120)
+        assert "INTERRUPTED" in out and "NEXT [0, 10]" in out
+        assert proc.returncode == 0
+    finally:
+        proc.kill()  # a failure here must not leave the launcher and its ranks to the next tests
+        proc.wait()
 
 
 def test_sigkill_of_the_launcher_ends_its_ranks_and_keeps_what_was_logged(tmp_path, runs_root):

@@ -157,7 +157,8 @@ def test_a_timeout_leaves_no_agent_and_no_worker(marker, tmp_path):
 
 def _launcher(tag: str, folder: Path, tmp_path: Path) -> subprocess.Popen:
     """A separate launching process (a kernel, say) running a job that holds for 10 minutes."""
-    code = ("import sys; from distlab import multinode; "
+    code = ("import signal, sys; from distlab import multinode; "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "  # as in a kernel, whatever the parent ignores
             f"multinode.run_local_nodes('test_multinode:hold', nnodes=2, nproc_per_node=1, folder={str(folder)!r}, "
             f"seconds=600, runs_root={str(tmp_path / 'runs')!r}, timeout=900)")
     return subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, **{MARKER: tag}),
