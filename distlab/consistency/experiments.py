@@ -136,15 +136,16 @@ def fault_table(runs: list[FaultRun]):
 
 
 def survivors(run: FaultRun, groups=((0, 1), MINORITY)) -> list[dict]:
-    """Last writer wins, key by key: the last write acknowledged on each side during the partition, and the
-    one every replica holds in the end (the larger (time, rank) stamp): the other side's writes are lost."""
-    during = [op for op in run.during(margin=0.0) if op.kind == "write" and op.outcome == "ok"]
+    """Last writer wins, key by key: the last write acknowledged on each side, and the one every replica holds
+    in the end (the larger (time, rank) stamp): the other side's writes are lost. All the run's writes count,
+    not only those inside the partition: a write begun as the partition heals can still be the last."""
+    acknowledged = [op for op in run.history.ops if op.kind == "write" and op.outcome == "ok"]
     finals = run.history.finals[0]
     rows = []
-    for key in sorted({op.key for op in during}):
+    for key in sorted({op.key for op in acknowledged}):
         row = {"key": key}
         for group in groups:
-            mine = [op for op in during if op.key == key and op.rank in group]
+            mine = [op for op in acknowledged if op.key == key and op.rank in group]
             last = max(mine, key=lambda op: op.version, default=None)
             row[f"last write, ranks {','.join(map(str, group))}"] = None if last is None else last.value
         row["survivor"] = finals.get(key, (None,))[0]
