@@ -99,21 +99,16 @@ def collectives_agree(ctx) -> dict:
 def ddp_gpt(ctx, steps: int, batch_size: int, cfg: gpt.GPTConfig) -> None:
     """The tiny GPT under DistributedDataParallel, each rank on its own batches; logs every step."""
     model = nn.parallel.DistributedDataParallel(gpt.gpt(cfg))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = gpt.batches(batch_size, cfg.block_size, seed=ctx.rank)
-    for step in range(steps):
-        x, y = next(batches)
-        optimizer.zero_grad()
-        gpt.lm_loss(model(x), y).backward()
-        optimizer.step()
-        synchronize(ctx)
-        ctx.log(step=step)
+    _train_logged(ctx, model, gpt.batches(batch_size, cfg.block_size, seed=ctx.rank), steps)
 
 
 def single_gpt(ctx, steps: int, batch_size: int, cfg: gpt.GPTConfig) -> None:
-    model = gpt.gpt(cfg)
+    _train_logged(ctx, gpt.gpt(cfg), gpt.batches(batch_size, cfg.block_size), steps)
+
+
+def _train_logged(ctx, model, batches, steps: int) -> None:
+    """SGD steps on the language-model loss, each logged once the device is done (tokens/s from the rows)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = gpt.batches(batch_size, cfg.block_size)
     for step in range(steps):
         x, y = next(batches)
         optimizer.zero_grad()

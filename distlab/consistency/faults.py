@@ -191,9 +191,16 @@ class LiveFaults(Faults):
     """One rank's view of a NetworkControl: the state as the notebook last wrote it."""
 
     path: str = ""
+    _seen: tuple = field(default=(), init=False, repr=False)  # (inode, mtime) of the file last parsed
+    _state: dict = field(default_factory=lambda: PERFECT, init=False, repr=False)
 
     def state(self, now: float | None = None) -> dict:
-        with open(self.path) as file:
-            raw = json.load(file)
-        return {"groups": tuple(tuple(g) for g in raw["groups"]), "fraction": raw["fraction"], "ms": raw["ms"],
-                "paused": {int(rank): until for rank, until in raw["paused"].items()}}
+        """Parsed again only when the control has replaced the file (each order is a new inode)."""
+        stamp = os.stat(self.path)
+        if (stamp.st_ino, stamp.st_mtime_ns) != self._seen:
+            with open(self.path) as file:
+                raw = json.load(file)
+            self._seen = (stamp.st_ino, stamp.st_mtime_ns)
+            self._state = {"groups": tuple(tuple(g) for g in raw["groups"]), "fraction": raw["fraction"],
+                           "ms": raw["ms"], "paused": {int(rank): until for rank, until in raw["paused"].items()}}
+        return self._state

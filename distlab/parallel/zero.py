@@ -240,6 +240,15 @@ def _data(ctx, cfg: GPTConfig, batch: int, seed: int):
         yield x.to(ctx.device), y.to(ctx.device)
 
 
+def _stepper(optimizer: torch.optim.Optimizer, snapshot: dict):
+    """The optimizer step of the unsharded runs, noting the bytes of Adam's state it holds afterwards."""
+    def step():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        snapshot["optimizer"] = adam_state_bytes(optimizer)
+    return step
+
+
 def _train(ctx, model: nn.Module, step, after_backward, steps: int, data, peak: bool = False) -> dict:
     """Run `steps` steps (`after_backward` between backward and `step`); record the collectives and step seconds.
     With `peak`, one more step runs under the allocation records (parallel/memory.allocated; CUDA's own peak on a
@@ -285,12 +294,7 @@ def train_plain(ctx, steps: int = 3, batch: int = 4, lr: float = 1e-3, cfg: GPTC
             p.grad.copy_(g.view_as(p))
         snapshot.update(params=sum(nbytes(p) for p in params), grads=sum(nbytes(p.grad) for p in params))
 
-    def step():
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        snapshot["optimizer"] = adam_state_bytes(optimizer)
-
-    out = _train(ctx, model, step, average, steps, _data(ctx, cfg, batch, seed), peak)
+    out = _train(ctx, model, _stepper(optimizer, snapshot), average, steps, _data(ctx, cfg, batch, seed), peak)
     out["held"] = dict(snapshot)
     out["params"] = torch.cat([p.detach().reshape(-1) for p in params]).cpu()
     return out
@@ -341,13 +345,9 @@ def train_fsdp2(ctx, steps: int = 3, batch: int = 4, lr: float = 1e-3, cfg: GPTC
         snapshot.update(params=sum(nbytes(t) for t in local),
                         grads=sum(nbytes(p.grad.to_local()) for p in model.parameters() if p.grad is not None))
 
-    def step():
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        snapshot["optimizer"] = adam_state_bytes(optimizer)
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        step = _stepper(optimizer, snapshot)
         out = _train(ctx, model, step, after_backward, steps, _data(ctx, cfg, batch, seed), peak)
     out["held"] = dict(snapshot)
     out["params"] = torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()]).cpu()
@@ -371,12 +371,7 @@ def train_ddp(ctx, steps: int = 3, batch: int = 4, lr: float = 1e-3, cfg: GPTCon
     def after_backward():
         snapshot.update(params=sum(nbytes(p) for p in params), grads=sum(nbytes(p.grad) for p in params))
 
-    def step():
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        snapshot["optimizer"] = adam_state_bytes(optimizer)
-
-    out = _train(ctx, model, step, after_backward, steps, _data(ctx, cfg, batch, seed), peak)
+    out = _train(ctx, model, _stepper(optimizer, snapshot), after_backward, steps, _data(ctx, cfg, batch, seed), peak)
     per_step = len(spans.rows) // (steps + peak)  # the same buckets every step; the peak step's left out
     buckets = spans.rows[:per_step * steps]
     out["calls"] = [{"kind": "all-reduce", "bytes": r["bytes"], "sent": ring_sent_bytes("all-reduce", r["bytes"],
