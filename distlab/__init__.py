@@ -3,9 +3,9 @@
 from . import data, models
 from .context import Context
 from .launch import LaunchTimeout, RankFailure, launch, shutdown
-from .ranks import place
+from .ranks import WorldSizeError, place, world_sizes
 from .runs import Run, load_run
 
 __all__ = ["data", "models", "Context", "LaunchTimeout", "RankFailure", "Run", "launch", "load_run", "place",
-           "shutdown"]
+           "shutdown", "world_sizes", "WorldSizeError"]
 __version__ = "0.1.0"

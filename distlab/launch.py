@@ -26,7 +26,7 @@ from multiprocessing.connection import wait as wait_any
 import cloudpickle
 import torch
 
-from .ranks import Failed, Job, PoolShape, RankPool, default_threads, gloo_reason, place
+from .ranks import Failed, Job, PoolShape, RankPool, check_world_size, default_threads, gloo_reason, place
 from .runs import Run, append_lines, new_run_dir, rank_file, write_config, write_failure
 
 START_TIMEOUT = float(os.environ.get("DISTLAB_START_TIMEOUT", "300"))  # cold start: python + import torch
@@ -485,6 +485,7 @@ def launch(fn: Callable, world_size: int, *, backend: str = "auto", timeout: flo
     """
     global _active
     _check_arguments(fn, world_size, timeout, restarts, oversubscribe, kwargs)
+    check_world_size(fn, world_size, kwargs)
     placement = place(world_size, backend, gloo_reason(fn))
     payload = _pickle(fn, kwargs)
     threads = threads or default_threads(world_size)

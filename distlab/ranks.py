@@ -112,6 +112,37 @@ def gloo_reason(fn) -> str | None:
     return getattr(fn, "needs_gloo", None) or getattr(getattr(fn, "func", None), "needs_gloo", None)
 
 
+class WorldSizeError(ValueError):
+    """A rank function refused a world size before any rank started; the message lists the sizes that work."""
+
+
+def world_sizes(works, why: str):
+    """Mark a rank function that runs only on some world sizes: `works(world_size, **kwargs)` says whether
+    one does, `why` says what decides it ("a dp x tp mesh needs dp·tp ranks"). dl.launch refuses the others
+    before starting a process."""
+    def mark(fn):
+        fn.world_sizes = (works, why)
+        return fn
+
+    return mark
+
+
+def check_world_size(fn, world_size: int, kwargs: dict, most: int = 16) -> None:
+    """Raise WorldSizeError if `fn` (or the function a functools.partial wraps) cannot run on world_size."""
+    rule = getattr(fn, "world_sizes", None) or getattr(getattr(fn, "func", None), "world_sizes", None)
+    if rule is None:
+        return
+    works, why = rule
+    kwargs = {**getattr(fn, "keywords", {}), **kwargs}  # a functools.partial's own arguments count too
+    if works(world_size, **kwargs):
+        return
+    sizes = [n for n in range(1, most + 1) if works(n, **kwargs)]
+    shown = ", ".join(map(str, sizes)) if sizes else f"none up to {most}"
+    name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "this function")
+    raise WorldSizeError(f"{name} cannot run on {world_size} rank(s): {why}. With these arguments it runs on: "
+                         f"{shown}.")
+
+
 def place(world_size: int, backend: str = "auto", needs_gloo: str | None = None) -> Placement:
     """Which backend and device each rank gets: one GPU per rank (NCCL) when there are enough,
     ranks sharing the GPUs over gloo when there are fewer, CPU over gloo otherwise. A function that

@@ -72,14 +72,43 @@ def find_chromium() -> str | None:
     return "/usr/bin/chromium" if os.access("/usr/bin/chromium", os.X_OK) else shutil.which("chromium")
 
 
-def _working_copy(path: Path, tmp: Path) -> Path:
-    """Copy the notebook's folder into tmp (so relative paths behave) and clear the copy's outputs."""
+# A student's first experiment: other world sizes. Run before the notebook's own cells, this makes every
+# dl.launch (also the library's own) ask for another size; a function that refuses it (ranks.world_sizes,
+# before any process starts) runs at the notebook's size, and each launch is logged to $DISTLAB_VARIED.
+VARY_WORLD_SIZE = """
+import json as _json, os as _os, sys as _sys
+import distlab as _distlab
+from distlab.ranks import WorldSizeError as _WorldSizeError
+
+_launch = _sys.modules["distlab.launch"].launch
+
+def _varied_launch(fn, world_size, *args, **kwargs):
+    size = {2: 3, 3: 2, 4: 3}.get(world_size, world_size - 1)
+    entry = {"function": getattr(fn, "__name__", "?"), "asked": world_size, "ran": size, "refused": None}
+    try:
+        run = _launch(fn, size, *args, **kwargs)
+    except _WorldSizeError as refusal:
+        entry.update(ran=world_size, refused=str(refusal))
+        run = _launch(fn, world_size, *args, **kwargs)
+    with open(_os.environ["DISTLAB_VARIED"], "a") as log:
+        log.write(_json.dumps(entry) + "\\n")
+    return run
+
+_sys.modules["distlab.launch"].launch = _distlab.launch = _varied_launch
+"""
+
+
+def _working_copy(path: Path, tmp: Path, prelude: str | None = None) -> Path:
+    """Copy the notebook's folder into tmp (so relative paths behave) and clear the copy's outputs;
+    `prelude` becomes a first code cell."""
     folder = shutil.copytree(path.parent, tmp / "work" / path.parent.name,
                              ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "runs"))
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
+    if prelude:
+        nb.cells.insert(0, nbformat.v4.new_code_cell(prelude))
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, copy := Path(folder) / path.name)
     return copy
@@ -121,8 +150,9 @@ def _reap(tag: str) -> None:
             pass
 
 
-def run_headless(path: Path, timeout: float = 600) -> NotebookReport:
-    """Execute a notebook with nbclient (no browser): catches errors, cannot see rendering."""
+def run_headless(path: Path, timeout: float = 600, vary_world_size: Path | None = None) -> NotebookReport:
+    """Execute a notebook with nbclient (no browser): catches errors, cannot see rendering.
+    vary_world_size: a file; every launch then asks for another world size and is logged there."""
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import AsyncKernelManager
     from nbclient import NotebookClient
@@ -131,12 +161,13 @@ def run_headless(path: Path, timeout: float = 600) -> NotebookReport:
     report = NotebookReport(str(path), "headless")
     with tempfile.TemporaryDirectory(prefix="nbtest_", ignore_cleanup_errors=True) as t:
         tmp = Path(t)
-        copy = _working_copy(path, tmp)
+        copy = _working_copy(path, tmp, VARY_WORLD_SIZE if vary_world_size else None)
         km = AsyncKernelManager(kernel_name="python3",
                                 kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(_kernelspec(tmp / "data"))]))
         nb = nbformat.read(copy, as_version=4)
         env = dict(os.environ, DISTLAB_RUNS=str(tmp / "runs"), DISTLAB_PROGRESS=str(tmp / "progress.jsonl"),
-                   IPYTHONDIR=str(tmp / "ipython"), DISTLAB_AUDIT="1", **{MARKER: tag})
+                   IPYTHONDIR=str(tmp / "ipython"), DISTLAB_AUDIT="1", DISTLAB_VARIED=str(vary_world_size or ""),
+                   **{MARKER: tag})
         client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=True,
                                 resources={"metadata": {"path": str(copy.parent)}})
         try:
