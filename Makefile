@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lab: setup
-	$(BIN)/jupyter lab notebooks/00_start_here.ipynb $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+	$(BIN)/jupyter lab notebooks/index.ipynb $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # The browser tests drive Debian's Chromium; install it when we may (root + apt), never download one.
 browser:
@@ -27,7 +27,7 @@ browser:
 	  echo "chromium not found: notebooks will run headless through nbclient instead (apt-get install chromium)"
 
 test: setup browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=40
 
 # The one prepared GPU check (benchmarks/gpu_check.py): every notebook's rank functions on this machine's
 # GPUs, checked against the CPU, and the GPU figures, in one table ($(OUT) or runs/gpu_check).

@@ -45,6 +45,8 @@ class NotebookReport:
     problems: list[str] = field(default_factory=list)  # not-rendered outputs, timeout, dead kernel
     seconds: float = 0.0
     screenshot: Path | None = None
+    cpu_seconds: float = 0.0  # kernel + ranks (+ server), sampled from /proc while Run All runs
+    peak_rss_mb: float = 0.0  # their resident memory together, at its highest sample
 
     def failures(self, min_widgets: int = 0, min_plots: int = 0) -> list[str]:
         """All reasons this run fails; counts are only checked in the browser, where they are real."""
@@ -150,6 +152,48 @@ def _reap(tag: str) -> None:
             pass
 
 
+class Usage:
+    """CPU time and resident memory of every process carrying a run's marker, sampled from /proc.
+    A process keeps the CPU time of its last sample after it exits (at most one interval lost)."""
+
+    def __init__(self, tag: str):
+        self.needle, self.marked, self.cpu, self.peak_rss = f"{MARKER}={tag}".encode(), {}, {}, 0
+        self.tick, self.page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+
+    def _is_marked(self, pid: str) -> bool:
+        if pid not in self.marked:
+            try:
+                self.marked[pid] = self.needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                return False
+        return self.marked[pid]
+
+    def sample(self) -> None:
+        rss = 0
+        for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+            if not self._is_marked(pid):
+                continue
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * self.page
+            except (OSError, IndexError):
+                continue
+            self.cpu[pid] = (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+        self.peak_rss = max(self.peak_rss, rss)
+
+    def record(self, report: NotebookReport) -> None:
+        report.cpu_seconds, report.peak_rss_mb = sum(self.cpu.values()), self.peak_rss / 2**20
+
+
+def save_record(report: NotebookReport, executed: Path, folder: Path) -> None:
+    """Keep an executed notebook (outputs, per-cell timing) and its run's figures for the course's
+    timing table and site (distlab/course.py, book/)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(executed, folder / executed.name)
+    fields = {k: getattr(report, k) for k in ("mode", "seconds", "cpu_seconds", "peak_rss_mb")}
+    (folder / f"{executed.stem}.json").write_text(json.dumps(fields | {"failures": report.failures()}, indent=1))
+
+
 def run_headless(path: Path, timeout: float = 600, vary_world_size: Path | None = None) -> NotebookReport:
     """Execute a notebook with nbclient (no browser): catches errors, cannot see rendering.
     vary_world_size: a file; every launch then asks for another world size and is logged there."""
@@ -226,7 +270,8 @@ def _api(base: str, token: str, method: str, route: str) -> object:
 
 def _start_lab(tmp: Path, root: Path, token: str, tag: str) -> tuple[subprocess.Popen, str]:
     """Start JupyterLab on a free localhost port with throw-away dirs; wait until it answers."""
-    settings = {"@jupyterlab/notebook-extension/tracker": {"windowingMode": "none", "scrollPastEnd": False},
+    settings = {"@jupyterlab/notebook-extension/tracker": {"windowingMode": "none", "scrollPastEnd": False,
+                                                            "recordTiming": True},  # per-cell times, saved
                 "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False}}
     for plugin, values in settings.items():  # draw every cell; no news or update toasts over the screenshot
         (file := tmp / "settings" / f"{plugin}.jupyterlab-settings").parent.mkdir(parents=True, exist_ok=True)
@@ -281,10 +326,11 @@ def _stop_lab(proc: subprocess.Popen, base: str, token: str) -> None:
             proc.wait(10)
 
 
-def _wait_until_done(page, timeout: float, report: NotebookReport) -> None:
+def _wait_until_done(page, timeout: float, report: NotebookReport, usage: Usage) -> None:
     """Poll the notebook model until the kernel is idle and every cell ran (or Run All stopped at an error)."""
     deadline, stable, st = time.monotonic() + timeout, 0, None
     while time.monotonic() < deadline:
+        usage.sample()
         st = page.evaluate(JS_STATE) or {}
         if st.get("died") or st.get("kernel") == "dead":
             report.problems.append("the kernel died during Run All")
@@ -324,7 +370,7 @@ def _check_outputs(nb: nbformat.NotebookNode, facts: list) -> tuple[int, int, li
     return views, plots, problems, nested
 
 
-def _drive(page, url: str, copy: Path, timeout: float, report: NotebookReport) -> None:
+def _drive(page, url: str, copy: Path, timeout: float, report: NotebookReport, usage: Usage) -> None:
     """Open the notebook, click Run > Run All Cells, wait, save, then compare the saved model with the page."""
     page.goto(url, timeout=120_000)
     page.wait_for_function(f"() => {{ const s = ({JS_STATE})(); return s && s.kernel === 'idle'; }}",
@@ -332,7 +378,7 @@ def _drive(page, url: str, copy: Path, timeout: float, report: NotebookReport) -
     page.evaluate(JS_RECORD_STATUS)
     page.locator(".lm-MenuBar-item", has_text=re.compile(r"^Run$")).click()
     page.locator(".lm-Menu-item[data-command='runmenu:run-all']").click()
-    _wait_until_done(page, timeout, report)
+    _wait_until_done(page, timeout, report, usage)
     page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
     nb = nbformat.read(copy, as_version=4)
     deadline, last, stable = time.monotonic() + 30, None, 0
@@ -356,12 +402,14 @@ def _screenshot(page, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True)
 
 
-def run_in_browser(path: Path, timeout: float = 600, screenshot: Path | None = None) -> NotebookReport:
-    """Open a copy of the notebook in JupyterLab in headless Chromium, Run All Cells, check the page."""
+def run_in_browser(path: Path, timeout: float = 600, screenshot: Path | None = None,
+                   keep: Path | None = None) -> NotebookReport:
+    """Open a copy of the notebook in JupyterLab in headless Chromium, Run All Cells, check the page.
+    keep: a folder to save the executed notebook and its timing in (save_record)."""
     from playwright.sync_api import sync_playwright
 
     start, tag, token = time.monotonic(), secrets.token_hex(8), secrets.token_hex(24)
-    report = NotebookReport(str(path), "browser")
+    report, usage = NotebookReport(str(path), "browser"), Usage(tag)
     with tempfile.TemporaryDirectory(prefix="nbtest_", ignore_cleanup_errors=True) as t:
         tmp = Path(t)
         copy = _working_copy(path, tmp)
@@ -373,7 +421,7 @@ def run_in_browser(path: Path, timeout: float = 600, screenshot: Path | None = N
                     page = browser.new_page(viewport={"width": 1280, "height": 900})
                     url = f"{base}/lab/tree/{copy.parent.name}/{copy.name}?token={token}"
                     try:
-                        _drive(page, url, copy, timeout, report)
+                        _drive(page, url, copy, timeout, report, usage)
                     except Exception as e:  # page never loaded, menu missing, ...: report it with a screenshot
                         report.problems.append(f"harness: {type(e).__name__}: {str(e)[:500]}")
                     if screenshot:
@@ -387,5 +435,8 @@ def run_in_browser(path: Path, timeout: float = 600, screenshot: Path | None = N
         finally:
             _stop_lab(proc, base, token)
             _reap(tag)
-    report.seconds = time.monotonic() - start
+        report.seconds = time.monotonic() - start
+        usage.record(report)
+        if keep:
+            save_record(report, copy, keep)
     return report

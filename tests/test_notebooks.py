@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 TIMEOUT = float(os.environ.get("DISTLAB_NOTEBOOK_TIMEOUT", "600"))  # seconds for Run All, per notebook
 SCREENSHOTS = Path(os.environ.get("DISTLAB_SCREENSHOTS", REPO / "build" / "screenshots"))
+EXECUTED = REPO / "build" / "executed"  # each notebook as the browser ran it, with its timing: the site and
+# the course's timing table (distlab/course.py) are built from these
 
 
 
@@ -32,7 +34,7 @@ def test_notebook_runs_clean(notebook: Path) -> None:
     """Run All Cells must finish with no error output, every widget and plot rendered."""
     expect = expected_on_screen(notebook)
     if find_chromium():
-        report = run_in_browser(notebook, TIMEOUT, SCREENSHOTS / f"{notebook.stem}.png")
+        report = run_in_browser(notebook, TIMEOUT, SCREENSHOTS / f"{notebook.stem}.png", keep=EXECUTED)
         print(f"screenshot: {report.screenshot}")
     elif os.environ.get("CI") == "true":
         pytest.fail("CI needs chromium: apt-get install -y chromium")
