@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import nbformat
 import pytest
 
 import distlab as dl
@@ -14,6 +15,10 @@ from notebook_browser import run_headless
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9]*.ipynb"))
+# A notebook whose metadata says "launches": false runs in one process (05b's vectorized federated
+# simulation); test_notebooks_that_say_they_launch_nothing_launch_nothing holds it to that.
+IN_PROCESS = [nb for nb in NOTEBOOKS
+              if nbformat.read(nb, as_version=4).metadata.get("distlab", {}).get("launches") is False]
 TIMEOUT = float(os.environ.get("DISTLAB_NOTEBOOK_TIMEOUT", "600"))
 
 
@@ -36,7 +41,13 @@ def test_the_rule_sees_the_functions_arguments_also_through_partial(tmp_path: Pa
 
 
 @pytest.mark.timeout(TIMEOUT + 120)
-@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_that_say_they_launch_nothing_launch_nothing() -> None:
+    for notebook in IN_PROCESS:
+        code = "\n".join(c.source for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code")
+        assert "launch(" not in code and "on_ranks(" not in code, f"{notebook.name} launches ranks"
+
+
+@pytest.mark.parametrize("notebook", [nb for nb in NOTEBOOKS if nb not in IN_PROCESS], ids=lambda p: p.stem)
 def test_notebook_runs_with_other_world_sizes(notebook: Path, tmp_path: Path) -> None:
     """Every launch asks for another size (4 → 3, 3 → 2, 2 → 3); the notebook must still run clean, and
     whatever refuses must have said so before starting a process (the launch then runs at the notebook's size)."""

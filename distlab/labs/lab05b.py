@@ -2,9 +2,10 @@
 
 Both in-process. The masks: every client's function runs with a `prg(seed, like)` the check provides and
 watches, so it knows which seeds each client drew and, by least squares, with which sign each mask went
-into the update; the masked updates must sum to the true sum exactly (the masks are fixed-point, as in
-the protocol), each must differ from its update, and a broken rule is named by pair (a mask with itself,
-a seed the pair does not share, both clients adding, one seed for several pairs). Krum's scores are
+into the update; the masked updates must sum to the true sum exactly (the masks are fixed-point, so they
+cancel in any order; the library's SecureAggregation goes further and works on integers mod R), each must
+differ from its update, and a broken rule is named by pair (a mask with itself, a seed the pair does not
+share, both clients adding, one seed for several pairs). Krum's scores are
 compared with the library's `aggregation.krum_scores` on updates with attackers among them; a wrong
 score is matched against the usual slips (the distance to itself, the neighbour count, unsquared distances).
 """
@@ -128,10 +129,13 @@ def _check_pairs(updates, sent, watched: list[Watched], n: int) -> None:
                         "subtracts it once")
 
 
+def _sum(updates) -> list[torch.Tensor]:
+    return [torch.stack(layer).sum(0) for layer in zip(*updates)]
+
+
 def _check_sum(updates, sent, n: int) -> None:
-    """The server's sum of the masked updates (the library's unmask_sum, no one dropped) must be the true sum."""
-    total = SecureAggregation(n).unmask_sum(dict(enumerate(sent)))
-    truth = [torch.stack(layer).sum(0) for layer in zip(*updates)]
+    """The server's sum of the masked updates (no one dropped) must be the true sum."""
+    total, truth = _sum(sent), _sum(updates)
     for layer, (got, should) in enumerate(zip(total, truth)):
         difference = first_difference(got, should, atol=0.0, rtol=0.0)
         if difference is not None:
@@ -153,18 +157,18 @@ def pairwise_masks(fn) -> Passed:
                             "would read it. Add the masks to the update")
     n, secret = MASK_CASES[0]
     updates, sent, _ = _masked(fn, n, secret)
-    library = SecureAggregation(n, seed=secret, scale=MASK_SCALE)
-    library_sent = {k: library.mask(k, u) for k, u in enumerate(updates)}
-    truth = [torch.stack(layer).sum(0) for layer in zip(*updates)]
-    error = {name: max(float((a - b).abs().max()) for a, b in zip(SecureAggregation(n).unmask_sum(masked), truth))
-             for name, masked in (("yours", dict(enumerate(sent))), ("library", library_sent))}
+    library = SecureAggregation(n, seed=secret)
+    library_sum = library.unmask_sum({k: library.mask(k, u) for k, u in enumerate(updates)})
+    error = {name: max(float((a - b).abs().max()) for a, b in zip(got, _sum(updates)))
+             for name, got in (("yours", _sum(sent)), ("library", library_sum))}
     return Passed(f"on {' and '.join(str(c) for c, _ in MASK_CASES)} clients the masked updates sum to the true sum "
                   "exactly; every pair shares its own seed, one adds and one subtracts; no update goes out in clear",
                   {"client 0's bias, true": [round(float(x), 3) for x in updates[0][1]],
                    "client 0's bias, as the server sees it": [round(float(x), 3) for x in sent[0][1]],
                    f"largest error of the sum, {n} clients": f"yours {error['yours']:.1e} (fixed-point masks), the "
                                                              f"library's SecureAggregation {error['library']:.1e} "
-                                                             "(float masks)"})
+                                                             f"(integers mod 2^{library.bits}, quantum "
+                                                             f"{library.quantum:.1e})"})
 
 
 # -- Krum's scores ------------------------------------------------------------------------------------
