@@ -1,6 +1,7 @@
 """Memory, time and communication traded within a step (parallel/overlap.py), measured: checkpointing holds less and
 takes longer, bf16 autocast saves smaller tensors and reaches the same loss, accumulation all-reduces once per step,
-and bucketed all-reduces start during backward (on real gloo ranks)."""
+bucketed all-reduces start during backward, by hand and in DDP, and FSDP2's prefetch issues the next unit's
+all-gather before the current layer's forward ends (on real gloo ranks)."""
 
 import pytest
 
@@ -52,7 +53,7 @@ def test_bf16_autocast_saves_smaller_tensors_and_reaches_the_same_loss(one_torch
 @pytest.fixture(scope="module")
 def ranks():
     accumulated = dl.launch(ov.accumulate, world_size=2, timeout=90, cfg=GPTConfig(n_layer=2)).results
-    timeline = dl.launch(ov.overlap_timeline, world_size=2, timeout=90, steps=3).results
+    timeline = dl.launch(ov.bucket_timelines, world_size=2, timeout=90, steps=3).results
     return accumulated, timeline
 
 
@@ -78,3 +79,47 @@ def test_overlapped_buckets_start_during_backward_and_average_the_same(ranks):
             assert sum(started_early) >= (on["buckets"] - 1 if overlapped else 0)
             assert overlapped or not any(started_early)
         assert all(seconds >= 0 for seconds in on["exposed"] + off["exposed"])
+
+
+def test_ddp_buckets_reduce_every_gradient_byte_each_step_and_match_the_hand_written(ranks):
+    """DDP's comm hook sees every gradient byte once per step, in several buckets of bucket_cap_mb = 128 KiB, all but
+    the first issued before backward's last gradient; its averaged gradients are the hand-written buckets'."""
+    _, timeline = ranks
+    grad_bytes = 4 * memory.n_params(GPTConfig(n_layer=6))
+    for rank in timeline:
+        ddp = rank["DDP"]
+        assert ddp["grad_bytes"] == grad_bytes and ddp["bytes"] == [grad_bytes] * 3
+        assert ddp["buckets"] > 4
+        compute_end = ddp["spans"][0]["end"]
+        assert sum(s["start"] < compute_end for s in ddp["spans"][1:]) >= ddp["buckets"] - 1
+        assert (ddp["grads"] - rank["overlapped"]["grads"]).abs().max() < 1e-6
+        assert all(seconds >= 0 for seconds in ddp["exposed"])
+
+
+@pytest.fixture(scope="module")
+def prefetch():
+    return dl.launch(ov.fsdp_prefetch_timeline, world_size=2, timeout=120, steps=1).results
+
+
+def _gathered_before_previous_layer_ended(spans: list[dict]) -> int:
+    """How many blocks' all-gathers (layer j ≥ 2) were issued before layer j−1's forward ended."""
+    ends = {s["layer"]: s["end"] for s in spans if s["kind"] == "compute"}
+    gathers = {int(s["name"].split()[-1]): s["start"] for s in spans if s["name"].startswith("all-gather layer")}
+    return sum(start < ends[layer - 1] for layer, start in gathers.items() if layer >= 2)
+
+
+def test_fsdp_prefetch_issues_the_next_all_gather_before_the_current_forward_ends(prefetch):
+    """Timestamps from FSDP2's own all-gather (set_custom_all_gather) and forward hooks: by default on a CPU each
+    block's gather starts after the previous layer's forward has ended; with set_modules_to_forward_prefetch or an
+    async unshard from the pre-forward, every following block's is issued before it (n_layer − 1 of them).
+    Each block's gather brings all of its parameters (4 bytes each, N = 2 divides every size); the loss is the same."""
+    cfg = GPTConfig(n_layer=6)
+    block_bytes = 4 * (memory.n_params(GPTConfig(n_layer=1)) - memory.n_params(GPTConfig(n_layer=0)))
+    for rank in prefetch:
+        assert _gathered_before_previous_layer_ended(rank["default"]["spans"]) == 0
+        for mode in ("forward prefetch", "async prefetch"):
+            assert _gathered_before_previous_layer_ended(rank[mode]["spans"]) == cfg.n_layer - 1
+        for mode in ov.PREFETCH:
+            gathers = [s for s in rank[mode]["spans"] if s["name"].startswith("all-gather layer")]
+            assert [s["bytes"] for s in gathers] == [block_bytes] * cfg.n_layer
+            assert rank[mode]["loss"] == pytest.approx(rank["default"]["loss"], abs=1e-6)

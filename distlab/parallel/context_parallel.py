@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import gpt
+from ..ranks import world_sizes
 
 LAYOUTS = ("contiguous", "zigzag")
 METHODS = ("ring", "ulysses")
@@ -296,6 +297,12 @@ def full_step(batch: int = 2, seq_len: int = 64, seed: int = 0) -> dict:
     return dict(out=out.detach(), dx=x.grad, grads={n: p.grad for n, p in attn.named_parameters()})
 
 
+def _splits(n: int, method: str = "ring", seq_len: int = 64, **_) -> bool:
+    """Whether n ranks can split this sequence: 2n equal chunks; Ulysses also splits the heads n ways."""
+    return seq_len % (2 * n) == 0 and (method != "ulysses" or gpt.GPTConfig().n_head % n == 0)
+
+
+@world_sizes(_splits, "the sequence is cut into 2N equal chunks (and Ulysses splits the tiny GPT's 4 heads N ways)")
 def attention_step(ctx, method: str = "ring", layout: str = "contiguous", batch: int = 2, seq_len: int = 64,
                    seed: int = 0, repeats: int = 1) -> dict:
     """Forward and backward of sequence-parallel attention on this rank's positions; the weights' gradients
@@ -332,6 +339,7 @@ def predicted_bytes(method: str, world_size: int, local_bytes: int) -> dict[str,
 
 # -- the built-in: torch.distributed.tensor.experimental.context_parallel ----------------------------------
 
+@world_sizes(_splits, "context_parallel's load-balanced split cuts the sequence into 2N equal chunks")
 def builtin_context_parallel(ctx, batch: int = 1, heads: int = 4, seq_len: int = 64, head_dim: int = 16) -> dict:
     """torch's context_parallel around F.scaled_dot_product_attention (a DTensor ring of its own), against
     one process. Where torch cannot run it (on CPU no sharding rule is registered for the CPU SDPA kernel),

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import gpt
+from ..ranks import world_sizes
 from .context_parallel import AllToAll, Traffic
 
 
@@ -232,6 +233,8 @@ def moe_reference(world_size: int, batch: int = 8, seq_len: int = 32, seed: int 
                 dropped=sum(r.dropped() for r in layer.last))
 
 
+@world_sizes(lambda n, batch=8, n_experts=4, **_: n_experts % n == 0 and batch % n == 0,
+             "each rank holds E/N experts (4 by default) and a 1/N share of the batch")
 def expert_parallel_step(ctx, batch: int = 8, seq_len: int = 32, seed: int = 0, **moe) -> dict:
     """Forward and backward of the expert-parallel MoE on this rank's share of the batch; the router's
     gradient summed over ranks, each expert's gradient left on its owner; loss as in moe_reference

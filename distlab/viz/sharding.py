@@ -92,8 +92,10 @@ def zero_figure(methods: dict[str, dict], world_size: int) -> go.Figure:
     return fig
 
 
-def overlap_figure(results: list[dict], title: str = "backward and bucket all-reduces, per rank") -> go.Figure:
-    """Per rank and mode, a compute lane (backward) and a communication lane (each bucket: issued → seen done)."""
+def overlap_figure(results: list[dict], title: str = "backward and bucket all-reduces, per rank",
+                   xaxis_title: str = "time from the start of backward (ms)") -> go.Figure:
+    """Per rank and mode, a compute lane (backward, or each layer's forward) and a communication lane (each bucket's
+    all-reduce or each unit's all-gather, from its issue to its completion)."""
     rows = [{"lane": f"rank {rank} · {mode} · {span['kind']}", **span}
             for rank, result in enumerate(results) for mode, record in result.items() for span in record["spans"]]
     frame = pd.DataFrame(rows)
@@ -108,7 +110,7 @@ def overlap_figure(results: list[dict], title: str = "backward and bucket all-re
                                                 "opacity": 0.6}, customdata=spans[["name", "bytes"]],
                              hovertemplate="%{y}<br>%{customdata[0]}: %{base:.2f} ms, lasts %{x:.2f} ms"
                                            "<br>%{customdata[1]} bytes<extra></extra>"))
-    fig.update_layout(title=title, barmode="overlay", xaxis_title="time from the start of backward (ms)",
+    fig.update_layout(title=title, barmode="overlay", xaxis_title=xaxis_title,
                       yaxis_title="rank · mode · lane", height=180 + 30 * frame["lane"].nunique())
     return fig
 
