@@ -81,3 +81,17 @@ def test_alpha_beta_fit_recovers_the_parameters_of_its_model():
 def test_unknown_algorithm_is_refused():
     with pytest.raises(ValueError, match="algorithm must be one of"):
         cost.sent_bytes("tree", 10, 4, 4, 0)
+
+
+def test_bandwidth_coefficients_and_the_ring_tree_crossover():
+    for n in (2, 4, 8, 64):
+        assert cost.bytes_per_payload_byte("ring", n) == pytest.approx(2 * (n - 1) / n)
+        assert cost.bytes_per_payload_byte("naive", n) == n - 1
+        assert cost.bytes_per_payload_byte("recursive_doubling", n) == n.bit_length() - 1
+    alpha, beta = 1e-5, 1e-9
+    s = cost.crossover_bytes(alpha, beta, 8)  # the sizes where the two model times are equal
+    ring, tree = (cost.predict_seconds(alpha, beta, cost.message_rounds(a, 8), cost.bytes_per_payload_byte(a, 8) * s)
+                  for a in ("ring", "recursive_doubling"))
+    assert ring == pytest.approx(tree)
+    assert cost.crossover_bytes(alpha, beta, 8, slow="naive") == 0.0  # same rounds, fewer bytes: the ring always wins
+    assert cost.crossover_bytes(alpha, beta, 2) is None

@@ -150,3 +150,21 @@ def test_timeline_draws_a_compute_and_a_comm_lane_per_rank_with_every_span():
     assert fig.layout.title.text == "test" and fig.layout.xaxis.title.text == "time (ms)"
     totals = bytes_figure({"a": results, "b": results[:1]})
     assert [list(bar.y) for bar in totals.data] == [[400, 400], [400, 0]]  # per rank, per pattern
+
+
+def test_the_grid_and_the_split_refuse_impossible_world_sizes_before_launching(tmp_path):
+    with pytest.raises(dl.WorldSizeError, match=r"train_hybrid cannot run on 3 rank\(s\).* runs on: 2, 4, 6\."):
+        dl.launch(train_hybrid, world_size=3, dp=2, runs_root=str(tmp_path))
+    with pytest.raises(dl.WorldSizeError, match=r"train_model_parallel cannot run on 4 rank\(s\).* runs on: 1, 2, 3\."):
+        dl.launch(train_model_parallel, world_size=4, runs_root=str(tmp_path))
+    assert not any(tmp_path.iterdir()), "a refused launch starts nothing"
+
+
+@pytest.mark.timeout(120)
+def test_model_parallel_on_three_stages_matches_the_unsplit_model_and_the_middle_sends_twice():
+    reference = train_single_process(steps=4, batch=32)
+    run = dl.launch(train_model_parallel, world_size=3, timeout=100, steps=4, batch=32)
+    assert close(torch.tensor(run.results[-1]["losses"]), torch.tensor(reference["losses"]))
+    assert close(torch.cat([r["params"] for r in run.results]), reference["params"])
+    activations = 32 * WIDTH * 4
+    assert bytes_per_step(run.results).tolist() == [activations, 2 * activations, activations]

@@ -78,3 +78,22 @@ def fit_alpha_beta(rounds: list[int], nbytes: list[int], seconds: list[float]) -
 
 def predict_seconds(alpha: float, beta: float, rounds: int, nbytes: int) -> float:
     return alpha * rounds + beta * nbytes
+
+
+def bytes_per_payload_byte(algorithm: str, world_size: int) -> float:
+    """The bandwidth coefficient: bytes on the critical path per byte of payload, e.g. 2(N-1)/N for the
+    ring (counted from the schedule on a payload that N divides)."""
+    numel = 64 * int(world_size)
+    return critical_bytes(algorithm, numel, 1, world_size) / numel
+
+
+def crossover_bytes(alpha: float, beta: float, world_size: int, slow: str = "recursive_doubling",
+                    fast: str = "ring") -> float | None:
+    """Payload bytes above which `fast` (fewer bytes per payload byte, more messages) beats `slow` in the
+    alpha-beta model: alpha·(rounds_fast - rounds_slow) = beta·S·(coefficient_slow - coefficient_fast).
+    None when `fast` never wins (its bandwidth term is no smaller); 0.0 when it always does."""
+    extra_rounds = message_rounds(fast, world_size) - message_rounds(slow, world_size)
+    saved = bytes_per_payload_byte(slow, world_size) - bytes_per_payload_byte(fast, world_size)
+    if saved <= 0:
+        return None
+    return max(0.0, alpha * extra_rounds / (beta * saved))

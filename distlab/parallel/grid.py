@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ..models import mlp
+from ..ranks import world_sizes
 from .data_parallel import SIZES, Spans, average_bucket, digits_train, shard_batches, timed_allreduce_hook
 from .mesh import device_mesh
 from .model_parallel import split_layers, train_stage
@@ -37,6 +38,8 @@ def column_groups(dp: int, mp: int):
             dist.destroy_process_group(group)
 
 
+@world_sizes(lambda n, dp=2, **_: dp >= 1 and n % dp == 0 and 1 <= n // dp <= len(SIZES) - 1,
+             "a dp × mp grid needs dp·mp ranks, with mp from 1 to the digits MLP's 3 layers")
 def train_hybrid(ctx, grid: str = "device_mesh", dp: int = 2, steps: int = 20, batch: int = 32, lr: float = 0.5,
                  seed: int = 0) -> dict:
     """Rank function: dp replicas of the digits MLP, each split over world_size / dp ranks.

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import mlp
+from ..ranks import world_sizes
 from .data_parallel import SIZES, Spans, digits_train, flat, shard_batches
 
 
@@ -86,6 +87,8 @@ def train_stage(ctx, stage: nn.Module, width: int, data: Iterator, before: int |
     return {"losses": losses, "grads": first_grads, "params": flat(params), "spans": spans.rows}
 
 
+@world_sizes(lambda n, **_: 1 <= n <= len(SIZES) - 1, "the digits MLP has 3 Linear layers: one stage per rank, 1 to 3 "
+             "stages")
 def train_model_parallel(ctx, steps: int = 20, batch: int = 64, lr: float = 0.5, seed: int = 0) -> dict:
     """Rank function: the digits MLP split by layers over the ranks, rank r holding stage r.
 

@@ -1,10 +1,12 @@
-"""Figures of communication: bytes against the analytic count, the alpha-beta fit, a replay of a real
-ring all-reduce from its recorded sends, a send/recv timeline, compression, pub/sub coupling."""
+"""Figures of communication: bytes against the analytic count, the alpha-beta fit and a knob over N and S
+drawn from it, a replay of a real ring all-reduce from its recorded sends, a send/recv timeline,
+compression, pub/sub coupling."""
 
 from __future__ import annotations
 
 import math
 
+import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -71,6 +73,91 @@ def alpha_beta_figure(rows: list[dict]) -> go.Figure:
         fig.update_yaxes(type="log", title_text="seconds per all-reduce", row=1, col=col)
     fig.update_layout(title="All-reduce time: measured vs the alpha-beta model", height=450)
     return fig
+
+
+# -- the knob: the model over N and S, with the machine's alpha and beta -----------------------------------
+
+MODELLED = {"naive": "naive", "recursive_doubling": "tree (recursive doubling)", "ring": "ring"}
+
+
+def machine_alpha_beta(rows: list[dict]) -> tuple[float, float]:
+    """One alpha and beta for this machine: fitted over the hand-written algorithms' timings together,
+    each row with its own messages in a row and bytes on the critical path."""
+    frame = pd.DataFrame(rows)
+    frame = frame[frame["algorithm"].isin(cost.ALGORITHMS)]
+    rounds = [cost.message_rounds(a, n) for a, n in zip(frame["algorithm"], frame["world_size"])]
+    nbytes = [cost.critical_bytes(a, b // 4, 4, n) for a, b, n in zip(frame["algorithm"], frame["bytes"],
+                                                                     frame["world_size"])]
+    alpha, beta = cost.fit_alpha_beta(rounds, nbytes, frame["seconds"].tolist())
+    if alpha <= 0 or beta <= 0:
+        raise ValueError(f"the timings give no positive alpha and beta (alpha={alpha:.3g} s, beta={beta:.3g} s/B): "
+                         "time more sizes or more repeats")
+    return alpha, beta
+
+
+def modelled_seconds(alpha: float, beta: float, algorithm: str, world_size: int, nbytes: int) -> float:
+    """The alpha-beta model's time of one all-reduce of `nbytes` (float32) on `world_size` ranks."""
+    return cost.predict_seconds(alpha, beta, cost.message_rounds(algorithm, world_size),
+                                cost.critical_bytes(algorithm, max(1, nbytes // 4), 4, world_size))
+
+
+def cost_knob(rows: list[dict], max_ranks: int = 64) -> widgets.VBox:
+    """Sliders for N (ranks) and S (bytes, log scale) over the alpha-beta model with alpha and beta fitted to
+    `rows` (time_all_reduces); left, time against S at N, with the measured points when N is the measured N;
+    right, time against N at S. Redraws from the formula only."""
+    alpha, beta = machine_alpha_beta(rows)
+    frame = pd.DataFrame(rows)
+    measured_n = int(frame["world_size"].iloc[0])
+    sizes = [2 ** k for k in range(10, 31)]  # 1 KB ... 1 GB
+    ranks = widgets.IntSlider(value=measured_n, min=2, max=max_ranks, description="N (ranks)",
+                              continuous_update=False)
+    payload = widgets.FloatLogSlider(value=2 ** 20, base=2, min=10, max=30, step=1, description="S (bytes)",
+                                     readout_format=".3s", continuous_update=False)
+    fig = go.FigureWidget(make_subplots(rows=1, cols=2, subplot_titles=["time against message size S, at N",
+                                                                        "time against ranks N, at S"]))
+    for i, (algorithm, name) in enumerate(MODELLED.items()):
+        style = {"color": _colour(i)}
+        fig.add_scatter(x=sizes, y=[0] * len(sizes), mode="lines", line=style, name=f"{name}: model",
+                        legendgroup=algorithm, row=1, col=1)
+        points = frame[frame["algorithm"] == algorithm]
+        fig.add_scatter(x=points["bytes"].tolist(), y=points["seconds"].tolist(), mode="markers", marker=style,
+                        name=f"{name}: measured, N = {measured_n}", legendgroup=algorithm, row=1, col=1)
+        fig.add_scatter(x=list(range(2, max_ranks + 1)), y=[0] * (max_ranks - 1), mode="lines", line=style,
+                        legendgroup=algorithm, showlegend=False, name=f"{name}: model", row=1, col=2)
+    fig.add_scatter(x=[2 ** 20] * 2, y=[0, 0], mode="lines", line={"dash": "dot", "color": "grey"},
+                    name="the chosen S / N", row=1, col=1)
+    fig.add_scatter(x=[measured_n] * 2, y=[0, 0], mode="lines", line={"dash": "dot", "color": "grey"},
+                    showlegend=False, name="the chosen N", row=1, col=2)
+    fig.update_xaxes(type="log", title_text="message size S (bytes)", row=1, col=1)
+    fig.update_xaxes(type="log", title_text="ranks N", row=1, col=2)
+    fig.update_yaxes(type="log", title_text="seconds per all-reduce (model)", row=1, col=1)
+    fig.update_yaxes(type="log", title_text="seconds per all-reduce (model)", row=1, col=2)
+    fig.update_layout(height=470, margin={"t": 90})
+
+    def redraw(_=None) -> None:
+        n, s = ranks.value, int(payload.value)
+        by_size = {a: [modelled_seconds(alpha, beta, a, n, b) for b in sizes] for a in MODELLED}
+        by_ranks = {a: [modelled_seconds(alpha, beta, a, k, s) for k in range(2, max_ranks + 1)] for a in MODELLED}
+        low = min(min(v) for v in (*by_size.values(), *by_ranks.values())) / 2
+        high = max(max(v) for v in (*by_size.values(), *by_ranks.values())) * 2
+        crossover = cost.crossover_bytes(alpha, beta, n)
+        where = "never (the tree moves no more bytes)" if crossover is None else f"above S ≈ {crossover:,.0f} bytes"
+        with fig.batch_update():
+            for i, algorithm in enumerate(MODELLED):
+                fig.data[3 * i].y = by_size[algorithm]
+                fig.data[3 * i + 1].visible = n == measured_n
+                fig.data[3 * i + 2].y = by_ranks[algorithm]
+            fig.data[-2].x, fig.data[-2].y = [s, s], [low, high]
+            fig.data[-1].x, fig.data[-1].y = [n, n], [low, high]
+            fig.layout.title = (f"α–β model, α = {alpha * 1e6:.0f} µs, 1/β = {1 / beta / 1e9:.2f} GB/s (fitted to this "
+                                f"notebook's timings)<br>N = {n}: the ring beats the tree {where}; at S = {s:,} B "
+                                f"ring {by_size['ring'][sizes.index(s)] * 1e3:.3g} ms, naive "
+                                f"{by_size['naive'][sizes.index(s)] * 1e3:.3g} ms")
+
+    ranks.observe(redraw, names="value")
+    payload.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([ranks, payload]), fig])
 
 
 # -- the ring replay --------------------------------------------------------------------------------------
