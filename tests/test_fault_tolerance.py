@@ -5,6 +5,7 @@ import os
 import stat
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -93,6 +94,16 @@ def test_live_orders_reach_running_ranks_through_the_store():
     assert (rows[rows["rank"] == 0]["step_seconds"] >= 0.12).all()  # the order reached rank 0, both attempts
     assert rows[rows["rank"] == 1]["step_seconds"].median() >= 0.9 * 0.12  # and rank 1 waited for it
     assert "fault injected: rank 1 killed" in run.logs(1)
+
+
+def test_every_rank_ms_slows_the_ranks_slow_ms_leaves_out_and_a_live_order_overrides_both():
+    control = FaultControl()
+    faults = control.faults(slow_ms={1: 50}, every_rank_ms=20)
+    delays = {rank: faults.step_delay(SimpleNamespace(rank=rank)) for rank in range(5)}
+    assert delays == {0: 0.02, 1: 0.05, 2: 0.02, 3: 0.02, 4: 0.02}
+    control.heal(3)
+    control.slow(1, 120)
+    assert [faults.step_delay(SimpleNamespace(rank=rank)) for rank in (1, 3, 4)] == [0.12, 0.0, 0.02]
 
 
 def test_the_chaos_panel_sends_orders():

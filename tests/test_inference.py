@@ -1,5 +1,7 @@
 """Distributed inference: pipelined serving and tensor-parallel inference answer like the unsplit model."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -47,5 +49,17 @@ def test_tensor_parallel_inference_of_a_block_equals_the_unsharded_block():
 def test_bad_micro_batch_and_stages_are_refused_by_name():
     with pytest.raises(ValueError, match="micro_batch=0"):
         inference.serve_pipelined(None, n_requests=8, micro_batch=0)
-    with pytest.raises(dl.RankFailure, match="stages=5"):
+    with pytest.raises(dl.WorldSizeError, match="`stages` ranks serve .* runs on: 5, 6, 7"):  # before any rank starts
         dl.launch(inference.serve_pipelined, world_size=4, timeout=60, stages=5)
+    with pytest.raises(ValueError, match="stages=5"):
+        inference.serve_pipelined(SimpleNamespace(rank=0, world_size=4), n_requests=8, stages=5)
+
+
+def test_world_sizes_that_cannot_serve_are_refused_before_any_process_starts(tmp_path):
+    with pytest.raises(dl.WorldSizeError, match=r"tp_block_inference cannot run on 3 rank\(s\).* runs on: 1, 2, 4\."):
+        dl.launch(inference.tp_block_inference, world_size=3, runs_root=str(tmp_path))
+    with pytest.raises(dl.WorldSizeError, match=r"serve_pipelined cannot run on 7 rank\(s\).* on: 1, 2, 3, 4, 5, 6\."):
+        dl.launch(inference.serve_pipelined, world_size=7, runs_root=str(tmp_path))
+    with pytest.raises(dl.WorldSizeError, match=r"With these arguments it runs on: 3, 4, 5, 6, 7, 8,"):  # 3 stages
+        dl.launch(inference.serve_pipelined, world_size=2, stages=3, runs_root=str(tmp_path))
+    assert not any(tmp_path.iterdir())

@@ -99,3 +99,13 @@ def test_bad_schedule_and_micro_batches_are_refused_by_name():
         pp.split_micro(torch.zeros(10), 4)
     with pytest.raises(ValueError, match="p=5"):
         pp.stage_bounds(4, 5)
+
+
+@pytest.mark.parametrize("fn, kwargs, size, sizes", [(pp.pipeline_train, {}, 7, "1, 2, 3, 4, 5, 6"),
+                                                     (pp.builtin_pipeline, {}, 7, "1, 2, 3, 4, 5, 6"),
+                                                     (pp.data_pipeline, {"dp": 2, "pp": 2}, 3, "4")])
+def test_more_stages_than_layers_or_a_mesh_of_another_size_is_refused_before_any_process_starts(tmp_path, fn, kwargs,
+                                                                                              size, sizes):
+    with pytest.raises(dl.WorldSizeError, match=rf"{fn.__name__} cannot run on {size} rank\(s\).* runs on: {sizes}\."):
+        dl.launch(fn, world_size=size, runs_root=str(tmp_path), **kwargs)
+    assert not any(tmp_path.iterdir())

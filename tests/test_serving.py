@@ -155,3 +155,9 @@ def test_tensor_parallel_decoding_on_two_ranks_gives_one_process_tokens(stream, 
         assert r["all_reduces"] == 2 * cfg.n_layer * (n + decode_steps)  # attention + MLP, per block, per forward
     batches = [[(s["batch"], s["joined"], s["left"]) for s in r["steps"]] for r in results]
     assert batches[0] == batches[1]  # rank 0's admissions, broadcast: both ranks ran the same batches
+
+
+def test_tensor_parallel_decoding_on_ranks_that_split_no_heads_evenly_is_refused_before_launching(tmp_path):
+    with pytest.raises(dl.WorldSizeError, match=r"serve_tensor_parallel cannot run on 3 rank\(s\).* on: 1, 2, 4\."):
+        dl.launch(sv.serve_tensor_parallel, world_size=3, runs_root=str(tmp_path))
+    assert not any(tmp_path.iterdir())

@@ -76,3 +76,13 @@ def test_heads_must_split_evenly():
     attn = gpt.Attention(gpt.GPTConfig())
     with pytest.raises(ValueError, match="tp=3"):
         tp.tp_attention(attn, 0, 3, reduce=None)
+
+
+@pytest.mark.parametrize("fn, kwargs, sizes", [(tp.sharded_block_step, {}, "1, 2, 4"),
+                                               (tp.builtin_block_step, {}, "1, 2, 4"),
+                                               (tp.data_tensor, {"dp": 2, "tp": 2}, "4"),
+                                               (tp.data_tensor, {"dp": 3, "tp": 2}, "6")])
+def test_a_world_size_that_splits_no_heads_evenly_is_refused_before_any_process_starts(tmp_path, fn, kwargs, sizes):
+    with pytest.raises(dl.WorldSizeError, match=rf"{fn.__name__} cannot run on 3 rank\(s\).* runs on: {sizes}\."):
+        dl.launch(fn, world_size=3, runs_root=str(tmp_path), **kwargs)
+    assert not any(tmp_path.iterdir())

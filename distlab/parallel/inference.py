@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 
 from .. import gpt
-from .pipeline import stage_module
-from .tensor import GroupAllReduce, block_input, tp_block
+from ..ranks import world_sizes
+from .pipeline import layer_count, stage_module
+from .tensor import GroupAllReduce, block_input, tp_block, whole_heads
 
 
 def requests(n: int, cfg: gpt.GPTConfig | None = None, seed: int = 0) -> torch.Tensor:
@@ -33,6 +34,9 @@ def _check(micro_batch: int, n_requests: int) -> None:
         raise ValueError(f"micro_batch={micro_batch} must be between 1 and n_requests={n_requests}")
 
 
+@world_sizes(lambda n, stages=None, cfg=None, **_: (stages or n) <= min(n, layer_count(cfg)),
+             f"the first `stages` ranks serve (default: all of them), each stage at least one of the GPT's "
+             f"{layer_count(None)} layers")
 @torch.no_grad()
 def serve_pipelined(ctx, n_requests: int = 64, micro_batch: int = 8, stages: int | None = None,
                     cfg: gpt.GPTConfig | None = None, seed: int = 0) -> dict:
@@ -83,6 +87,7 @@ def latency_throughput(events: list[dict], n_requests: int) -> dict:
     return dict(latency_ms=1000 * latency, throughput=n_requests / (max(exit_.values()) - min(entry.values())))
 
 
+@whole_heads
 @torch.no_grad()
 def tp_block_inference(ctx, batch: int = 4, seed: int = 0) -> dict:
     """One transformer block's forward, Megatron-sharded across all ranks (heads and MLP units split)."""

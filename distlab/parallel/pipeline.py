@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import gpt
 from ..comm import nbytes
+from ..ranks import world_sizes
 from .mesh import device_mesh
 
 Action = tuple[str, int]  # ("F" or "B", micro-batch index)
@@ -183,6 +184,17 @@ def stage_grads(module: nn.Sequential) -> dict[str, torch.Tensor]:
     return {n: q.grad.cpu() for n, q in module.named_parameters()}
 
 
+def layer_count(cfg: gpt.GPTConfig | None) -> int:
+    """Layers of the GPT as an nn.Sequential: embedding, the blocks, the head."""
+    return (cfg or gpt.GPTConfig()).n_layer + 2
+
+
+one_stage_per_rank = world_sizes(lambda n, cfg=None, **_: n <= layer_count(cfg),
+                                 f"one pipeline stage per rank, and a stage needs at least one of the GPT's "
+                                 f"{layer_count(None)} layers")
+
+
+@one_stage_per_rank
 def pipeline_train(ctx, schedule: str = "gpipe", micro_batches: int = 4, batch_size: int = 16, steps: int = 1,
                    lr: float = 0.0, cfg: gpt.GPTConfig | None = None, seed: int = 0, ranks: list[int] | None = None,
                    data_shard: tuple[int, int] = (0, 1), grad_sync: Callable[[nn.Module], None] | None = None) -> dict:
@@ -219,6 +231,7 @@ def pipeline_train(ctx, schedule: str = "gpipe", micro_batches: int = 4, batch_s
     return dict(out, losses=losses, grads=grads, stage=stage, schedule=schedule, m=micro_batches, p=p)
 
 
+@one_stage_per_rank
 def builtin_pipeline(ctx, schedule: str = "gpipe", micro_batches: int = 4, batch_size: int = 16,
                      cfg: gpt.GPTConfig | None = None, seed: int = 0) -> dict:
     """The same stages and batch through torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B."""
@@ -244,6 +257,8 @@ def builtin_pipeline(ctx, schedule: str = "gpipe", micro_batches: int = 4, batch
     return dict(loss=loss, grads=grads, stage=stage)
 
 
+@world_sizes(lambda n, dp=2, pp=2, **_: n == dp * pp and pp <= layer_count(None),
+             "a dp × pp mesh needs exactly dp·pp ranks (and pp stages of at least one layer)")
 def data_pipeline(ctx, dp: int = 2, pp: int = 2, schedule: str = "1f1b", micro_batches: int = 2,
                   batch_size: int = 16, steps: int = 2, lr: float = 0.1, seed: int = 0) -> dict:
     """Data x pipeline on a (dp, pp) DeviceMesh: dp pipelines of pp stages, each on 1/dp of the batch;

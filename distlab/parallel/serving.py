@@ -412,6 +412,7 @@ def metrics(served: list[Served]) -> dict:
 
 # -- tensor-parallel decoding on ranks ----------------------------------------------------------------
 
+@tp.whole_heads
 @torch.no_grad()
 def serve_tensor_parallel(ctx, stream: list[Request] | None = None, max_batch: int = 16, seed: int = 0) -> dict:
     """Continuous batching of the stream (default: `request_stream()`) with the GPT's heads and MLP units split

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import gpt
+from ..ranks import world_sizes
 from .mesh import device_mesh
+
+HEADS = gpt.GPTConfig().n_head
+whole_heads = world_sizes(lambda n, cfg=None, **_: (cfg or gpt.GPTConfig()).n_head % n == 0,
+                          f"tensor parallelism gives every rank whole heads: the GPT's {HEADS} heads must divide "
+                          "evenly over the ranks")
 
 
 class GroupAllReduce:
@@ -144,6 +150,7 @@ def block_input(batch: int = 4, cfg: gpt.GPTConfig | None = None, seed: int = 1)
     return x.to(torch.get_default_device())  # drawn on the CPU: the same input on every device
 
 
+@whole_heads
 def sharded_block_step(ctx, seed: int = 0) -> dict:
     """One block, forward and backward, Megatron-sharded over all ranks; all-reduces counted per pass."""
     reduce = GroupAllReduce(ctx)
@@ -161,6 +168,7 @@ def sharded_block_step(ctx, seed: int = 0) -> dict:
 TP_PLAN = {"attn.q": "col", "attn.k": "col", "attn.v": "col", "attn.proj": "row", "mlp.fc": "col", "mlp.proj": "row"}
 
 
+@whole_heads
 def builtin_block_step(ctx, seed: int = 0) -> dict:
     """The same block and input through parallelize_module (ColwiseParallel / RowwiseParallel DTensors);
     torch's CommDebugMode counts its collectives."""
@@ -183,6 +191,8 @@ def builtin_block_step(ctx, seed: int = 0) -> dict:
                 backward_reduces=backward.get_total_counts())
 
 
+@world_sizes(lambda n, dp=2, tp=2, cfg=None, **_: n == dp * tp and (cfg or gpt.GPTConfig()).n_head % tp == 0,
+             f"a dp × tp mesh needs exactly dp·tp ranks, and tp must divide the GPT's {HEADS} heads")
 def data_tensor(ctx, dp: int = 2, tp: int = 2, batch_size: int = 16, steps: int = 2, lr: float = 0.1,
                 seed: int = 0, cfg: gpt.GPTConfig | None = None) -> dict:
     """Data x tensor on a (dp, tp) DeviceMesh: each tp group holds one sharded GPT and 1/dp of the batch;

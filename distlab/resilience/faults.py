@@ -23,11 +23,13 @@ import torch.distributed as dist
 @dataclass
 class Faults:
     """What to break. kill_at {rank: step}: that rank dies (SIGKILL, no goodbye) after that step, on the
-    first attempt only, so a restarted job can get past it. slow_ms {rank: ms}: extra time per step.
+    first attempt only, so a restarted job can get past it. slow_ms {rank: ms}: extra time per step;
+    every_rank_ms: the same for every rank slow_ms leaves out, whatever the world size.
     control: the order file of a FaultControl (its `address`), for live orders."""
 
     kill_at: dict[int, int] = field(default_factory=dict)
     slow_ms: dict[int, float] = field(default_factory=dict)
+    every_rank_ms: float = 0.0
     control: str | None = None
 
     def __post_init__(self):
@@ -42,7 +44,7 @@ class Faults:
     def step_delay(self, ctx) -> float:
         """Seconds this rank should stall this step (the planned delay, or the live order if any)."""
         live = self._order(f"slow/{ctx.rank}")
-        ms = float(live) if live is not None else self.slow_ms.get(ctx.rank, 0.0)
+        ms = float(live) if live is not None else self.slow_ms.get(ctx.rank, self.every_rank_ms)
         return ms / 1000
 
     def after_step(self, ctx, step: int) -> None:
