@@ -42,7 +42,8 @@ def test_the_map_finds_broken_links_and_prerequisites_out_of_order(tmp_path: Pat
 
 
 def test_a_notebook_without_its_opening_is_named_with_what_it_lacks(tmp_path: Path) -> None:
-    (bad := tmp_path / "03_x.ipynb").write_text(json.dumps({"cells": [{"cell_type": "markdown", "source": "# 03 · X"}]}))
+    bad = tmp_path / "03_x.ipynb"
+    bad.write_text(json.dumps({"cells": [{"cell_type": "markdown", "source": "# 03 · X"}]}))
     with pytest.raises(ValueError, match=r"03_x.ipynb lacks a '\*\*You will\*\*' list, a '\*\*Before this:\*\*' "
                                          r"line, a '## What next' cell"):
         course.read_lesson(bad)
