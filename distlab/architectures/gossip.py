@@ -22,6 +22,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from .. import data, models
 from ..communication.cost import ring_allreduce_bytes
+from ..ranks import world_sizes
 from . import topology as topo
 
 ALGORITHMS = ("dpsgd", "pairwise", "allreduce")
@@ -102,6 +103,17 @@ def check_options(graph: list, algorithm: str, steps: int, mix_every: int, leave
             raise ValueError(f"leave={leave} leaves the survivors {list(alive)} without a connected graph")
 
 
+def departures_fit(n: int, topology: str = "ring", leave: dict | None = None, seed: int = 0, **_) -> bool:
+    """The world-size rule of `train`: the ranks `leave` names exist, and their departures leave a connected graph."""
+    leave = {int(r): int(k) for r, k in (leave or {}).items()}
+    if not all(0 <= rank < n for rank in leave):
+        return False
+    graph = topo.graph(topology, n, seed=seed)
+    return all(topo.is_connected(graph, alive_at(n, leave, at)) and alive_at(n, leave, at) for at in leave.values())
+
+
+@world_sizes(departures_fit, "the ranks that `leave` names must be ranks of the launch, and the survivors must stay "
+                             "connected")
 def train(ctx, algorithm: str = "dpsgd", topology: str = "ring", steps: int = 200, lr: float = 0.2,
           batch: int = 32, mix_every: int = 1, leave: dict | None = None, eval_every: int = 20,
           same_start: bool = True, seed: int = 0, hidden: int = 32) -> dict:

@@ -17,16 +17,25 @@ the worker pulled (versions count applied updates).
 A worker that goes silent while the server waits for it is declared dead after `failure_timeout`
 seconds and training goes on without it. A server's receiving thread takes every message
 (`recv` from any source) and queues it, so the main loop can wait with a timeout: gloo cannot.
+
+A server is the single point of failure: when its process dies the workers' connections to it break and
+the launch fails naming the server. With `checkpoint_every=k` each server saves its shard, version and
+the workers' clocks every k updates; a job launched with `restarts=` resumes from that checkpoint (every
+rank reads it: the workers continue from their clocks, on the minibatches they would have drawn).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
 import queue
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,7 +44,8 @@ from torch import nn
 
 from .. import data, models
 from ..comm import nbytes
-from ..ranks import needs_gloo
+from ..ranks import needs_gloo, world_sizes
+from ..resilience.checkpoint import save_atomically
 
 ANY_SOURCE = "a server receives from any source, which NCCL cannot"
 
@@ -56,8 +66,9 @@ class Config:
     slow_rank: int | None = None  # a straggler: sleeps `delay` seconds every step
     delay: float = 0.0
     jitter: float = 0.0  # every worker sleeps `delay` at a step with this probability
-    crash_rank: int | None = None  # stops silently at step `crash_at`
-    crash_at: int | None = None
+    crash_rank: int | None = None  # a worker stops silently at step `crash_at`; a server's process dies at
+    crash_at: int | None = None  # update `crash_at` (first attempt only, so a restarted job gets past it)
+    checkpoint_every: int = 0  # a server saves its state every k updates (0: never), for a restart to resume
     failure_timeout: float = 2.0  # seconds of silence before a server declares a worker dead
     shard: str = "range"  # how the flat parameters are split among the servers: SHARDINGS
     hidden: int = 32
@@ -78,6 +89,12 @@ class Config:
                              f"got {self.crash_at!r}")
         if self.shard not in SHARDINGS:
             raise ValueError(f"shard must be one of {SHARDINGS}, got {self.shard!r}")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0 (0: no checkpoints), "
+                             f"got {self.checkpoint_every!r}")
+        if self.checkpoint_every and self.servers > 1 and self.staleness != 0:
+            raise ValueError("checkpoint_every with several servers needs staleness=0 (sync): only there do all "
+                             "servers save the same round, a consistent snapshot")
 
     def check(self, world_size: int, backend: str) -> None:
         """What depends on the launch: gloo (a server receives from any source), and who may serve or work."""
@@ -87,11 +104,27 @@ class Config:
                              "on GPUs), mark your own function @distlab.ranks.needs_gloo(...), or pass backend='gloo'")
         if not 1 <= self.servers < world_size:
             raise ValueError(f"servers must be between 1 and world_size - 1 = {world_size - 1}, got {self.servers}")
-        for name in ("slow_rank", "crash_rank"):
-            rank = getattr(self, name)
-            if rank is not None and not self.servers <= rank < world_size:
-                raise ValueError(f"{name} must be a worker rank ({self.servers}..{world_size - 1}) or None, "
-                                 f"got {rank}")
+        if self.slow_rank is not None and not self.servers <= self.slow_rank < world_size:
+            raise ValueError(f"slow_rank must be a worker rank ({self.servers}..{world_size - 1}) or None, "
+                             f"got {self.slow_rank}")
+        if self.crash_rank is not None and not 0 <= self.crash_rank < world_size:
+            raise ValueError(f"crash_rank must be a rank (0..{world_size - 1}: a server below {self.servers}, "
+                             f"else a worker) or None, got {self.crash_rank}")
+
+    def fits(self, world_size: int) -> bool:
+        """Whether a launch of world_size ranks has room for the servers and the ranks these options name."""
+        named = [r for r in (self.slow_rank, self.crash_rank) if r is not None]
+        return self.servers < world_size and all(r < world_size for r in named) and (
+            self.slow_rank is None or self.slow_rank >= self.servers)
+
+
+def fits_world(world_size: int, config: Config | None = None, mode: str | None = None, **options) -> bool:
+    """The world-size rule of `run` and `train` (dl.launch refuses the other sizes before starting a rank)."""
+    fields = {k: v for k, v in options.items() if k in Config.__dataclass_fields__}
+    return (Config(**fields) if config is None else replace(config, **fields)).fits(world_size)
+
+
+FITS = "the servers need at least one worker beside them, and slow_rank / crash_rank must be ranks of the launch"
 
 
 # -- what the servers hold ----------------------------------------------------------------------------
@@ -123,16 +156,29 @@ def shard_bounds(sizes: list[int], servers: int, by: str = "range") -> list[tupl
     return list(zip(cuts, cuts[1:]))
 
 
+def checkpoint_file(run_dir: str | os.PathLike, server: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"server{server}.pt"
+
+
+def last_checkpoint(run_dir: str | os.PathLike, server: int, device: torch.device) -> dict | None:
+    """What server `server` saved last in this run folder (a previous attempt's), or None."""
+    path = checkpoint_file(run_dir, server)
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {**state, "params": state["params"].to(device)}
+
+
 # -- the worker ----------------------------------------------------------------------------------------
 
 class Worker:
     """Pull all shards, compute a gradient on a minibatch of its data, push each shard's part."""
 
-    def __init__(self, ctx, bounds, config: Config):
-        self.bounds = bounds
+    def __init__(self, ctx, bounds, config: Config, start: int = 0):
+        self.bounds, self.start = bounds, start  # start: the clock to resume at (0, or a checkpoint's)
         self.index = ctx.rank - len(bounds)  # its data shard and minibatches are those of DDP's rank `index`
         x, y, _, _ = data.digits(self.index, ctx.world_size - len(bounds))
-        self.batches = data.minibatches(x, y, config.batch, config.seed, self.index)
+        self.batches = data.minibatches(x, y, config.batch, config.seed, self.index, start=start)
         self.model = build_model(config.seed, config.hidden)
         self.flat = flat_parameters(self.model)
         self.versions = [0] * len(bounds)
@@ -176,7 +222,7 @@ def run_worker(ctx, worker: Worker, config: Config, t0: float) -> dict:
     slow = ctx.rank == config.slow_rank
     crash_at = config.crash_at if ctx.rank == config.crash_rank else None
     crashed = None
-    for step in itertools.count():
+    for step in itertools.count(worker.start):
         if step == crash_at:
             crashed = step  # silently stop: no goodbye, the servers must notice on their own
             break
@@ -190,14 +236,15 @@ def run_worker(ctx, worker: Worker, config: Config, t0: float) -> dict:
         worker.push(step, grad)
         for key, value in zip(rows, (step, time.time() - t0, loss, max(worker.gaps), waited)):
             rows[key].append(value)
-        ctx.log(step=step, loss=loss, clock_staleness=max(worker.gaps), wait=waited)
+        ctx.log(step=step, loss=loss, clock_staleness=max(worker.gaps), wait=waited, attempt=ctx.attempt)
     wall = time.time() - t0
     if crashed is None:
         worker.say(BYE)
     dist.barrier()  # training is over everywhere
     if crashed is not None:
         worker.say(TOMBSTONE)  # lets the servers' receiving threads end; a real crash closes the sockets
-    return {"role": "worker", "rank": ctx.rank, "steps": rows, "crashed_at": crashed, "wall_s": wall}
+    return {"role": "worker", "rank": ctx.rank, "steps": rows, "crashed_at": crashed, "wall_s": wall,
+            "resumed_from": worker.start}
 
 
 # -- the server ----------------------------------------------------------------------------------------
@@ -224,15 +271,20 @@ def receive_messages(inbox: queue.Queue, shard: int, n_workers: int, counts: dic
 class Server:
     """One shard of the parameters, the workers' clocks, and the rule for when a pull may be answered."""
 
-    def __init__(self, params: torch.Tensor, workers: list[int], config: Config, t0: float):
+    def __init__(self, params: torch.Tensor, workers: list[int], config: Config, t0: float,
+                 resume: dict | None = None):
         self.params, self.staleness, self.lr = params, config.staleness, config.lr
         self.budget = config.steps * len(workers)  # the job's pushes
         self.failure_timeout, self.t0 = config.failure_timeout, t0
         self.clock = {w: 0 for w in workers}
+        self.version, self.pushes = 0, 0
+        if resume is not None:  # a restart: the state of the last checkpoint, not the initial one
+            self.params = resume["params"]
+            self.version, self.pushes, self.clock = resume["version"], resume["pushes"], dict(resume["clock"])
+        self.resumed_from = self.version
         self.state = {w: "live" for w in workers}  # live, done, dead
         self.heard = {w: time.time() for w in workers}
         self.waiting: dict[int, tuple[int, float]] = {}  # worker -> (clock, since) of a pull on hold
-        self.version, self.pushes = 0, 0
         self.round_sum, self.round_pushes = torch.zeros_like(params), 0
         self.updates = {k: [] for k in ("t", "worker", "clock", "version", "version_staleness",
                                         "clock_staleness")}
@@ -307,13 +359,28 @@ class Server:
     def serving(self) -> bool:
         return any(s == "live" for s in self.state.values())
 
+    def save(self, path: Path) -> None:
+        """Parameters, version, pushes and clocks: all a restarted server needs to go on where it was."""
+        save_atomically({"params": self.params, "version": self.version, "pushes": self.pushes,
+                         "clock": self.clock}, path)
 
-def run_server(ctx, bounds: list[tuple[int, int]], config: Config, t0: float) -> dict:
-    """Serve this rank's shard until no worker is live; returns what it applied, answered and counted."""
+
+def crash(rank: int, version: int) -> None:
+    """A server's real death (SIGKILL, no goodbye): the workers' connections to it break, the launch fails."""
+    print(f"fault injected: parameter server rank {rank} crashed at update {version}", file=sys.stderr, flush=True)
+    time.sleep(0.2)  # the launcher reads this line before it sees the process gone
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_server(ctx, bounds: list[tuple[int, int]], config: Config, t0: float, resume: dict | None = None) -> dict:
+    """Serve this rank's shard until no worker is live; returns what it applied, answered and counted.
+    Saves a checkpoint every `checkpoint_every` updates; dies at update `crash_at` if it is the crash rank."""
     lo, hi = bounds[ctx.rank]
     workers = list(range(len(bounds), ctx.world_size))
     params = flat_parameters(build_model(config.seed, config.hidden))[lo:hi]
-    server = Server(params, workers, config, t0)
+    server = Server(params, workers, config, t0, resume)
+    saved = server.version
+    crash_at = config.crash_at if ctx.rank == config.crash_rank and ctx.attempt == 0 else None
     inbox: queue.Queue = queue.Queue()
     bytes_in: dict[int, int] = {}
     receiver = threading.Thread(target=receive_messages, args=(inbox, hi - lo, len(workers), bytes_in, ctx.device),
@@ -331,18 +398,24 @@ def run_server(ctx, bounds: list[tuple[int, int]], config: Config, t0: float) ->
             messages += 1
         server.suspect(time.time())
         server.close_round()
+        if config.checkpoint_every and server.version >= saved + config.checkpoint_every:
+            server.save(checkpoint_file(ctx.run_dir, ctx.rank))
+            saved = server.version
+        if server.version == crash_at:
+            crash(ctx.rank, server.version)
         server.answer_pulls()
         busy += time.perf_counter() - start
     dist.barrier()  # training is over everywhere; crashed workers now send their tombstones
     receiver.join()
     return {"role": "server", "rank": ctx.rank, "range": (lo, hi), "params": server.params.tolist(),
-            "version": server.version, "pushes": server.pushes, "updates": server.updates,
-            "pulls": server.pulls, "events": server.events, "bytes_in": bytes_in, "bytes_out": server.bytes_out,
-            "messages": messages, "busy_s": busy, "wall_s": time.time() - t0}
+            "version": server.version, "pushes": server.pushes, "resumed_from": server.resumed_from,
+            "updates": server.updates, "pulls": server.pulls, "events": server.events, "bytes_in": bytes_in,
+            "bytes_out": server.bytes_out, "messages": messages, "busy_s": busy, "wall_s": time.time() - t0}
 
 
 # -- the rank function ---------------------------------------------------------------------------------
 
+@world_sizes(fits_world, FITS)
 @needs_gloo(ANY_SOURCE)
 def run(ctx, config: Config | None = None, **options) -> dict:
     """Train the digits MLP on a parameter server with staleness bound `staleness` (0 BSP, inf ASP).
@@ -351,25 +424,30 @@ def run(ctx, config: Config | None = None, **options) -> dict:
     workers minibatch gradients: the servers answer "stop" once they got that many pushes, so under ASP
     fast workers take more steps and a straggler fewer. `slow_rank` sleeps `delay` seconds per step (a
     straggler), every worker with probability `jitter` per step (transient stragglers); `crash_rank`
-    stops silently at step `crash_at`. Returns this rank's record: a server's updates, pulls, events,
-    bytes and final shard, or a worker's loss, clock staleness and waiting time per step.
+    stops silently at step `crash_at` if a worker, dies at update `crash_at` if a server (first attempt
+    only). With `checkpoint_every` and `dl.launch(restarts=)`, a restart resumes from the servers' last
+    checkpoint. Returns this rank's record: a server's updates, pulls, events, bytes and final shard, or a
+    worker's loss, clock staleness and waiting time per step; both with `resumed_from` (0 on a fresh start).
     """
     config = Config(**options) if config is None else replace(config, **options)
     config.check(ctx.world_size, ctx.backend)
     sizes = [p.numel() for p in build_model(config.seed, config.hidden).parameters()]
     bounds = shard_bounds(sizes, config.servers, config.shard)
     ctx.set_total(config.steps)
-    worker = Worker(ctx, bounds, config) if ctx.rank >= config.servers else None  # data loaded before the clock
+    # read before the barrier, so no server has overwritten it yet: a worker resumes at the clock a server saved
+    resume = last_checkpoint(ctx.run_dir, min(ctx.rank, config.servers - 1), ctx.device) if ctx.attempt else None
+    if ctx.rank < config.servers:
+        dist.barrier()
+        return run_server(ctx, bounds, config, time.time(), resume)
+    worker = Worker(ctx, bounds, config, resume["clock"][ctx.rank] if resume else 0)  # data loaded before the clock
     dist.barrier()
-    t0 = time.time()
-    if worker is None:
-        return run_server(ctx, bounds, config, t0)
-    return run_worker(ctx, worker, config, t0)
+    return run_worker(ctx, worker, config, time.time())
 
 
 MODES = {"sync": 0, "async": math.inf}
 
 
+@world_sizes(fits_world, FITS)
 @needs_gloo(ANY_SOURCE)
 def train(ctx, mode: str = "sync", **options) -> dict:
     """The parameter server in its two classic modes: "sync" (BSP, s = 0) or "async" (ASP, s = inf)."""
@@ -380,9 +458,13 @@ def train(ctx, mode: str = "sync", **options) -> dict:
 
 # -- the well-kept built-in, and reading the result back ----------------------------------------------
 
-def ddp_train(ctx, steps: int = 60, batch: int = 32, lr: float = 0.2, hidden: int = 32, seed: int = 0) -> list:
+@world_sizes(lambda n, workers=None, **_: workers is None or n == workers,
+             "set beside a parameter server's run, DDP needs one rank per worker (workers=)")
+def ddp_train(ctx, steps: int = 60, batch: int = 32, lr: float = 0.2, hidden: int = 32, seed: int = 0,
+              workers: int | None = None) -> list:
     """Data-parallel SGD with DistributedDataParallel on the same shards and minibatches as the
-    workers: what a synchronous parameter server computes. Returns the final flat parameters."""
+    workers: what a synchronous parameter server computes. Returns the final flat parameters.
+    `workers`: the parameter server's worker count this run is compared with (then world_size must equal it)."""
     model = nn.parallel.DistributedDataParallel(build_model(seed, hidden))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     x, y, _, _ = data.digits(ctx.rank, ctx.world_size)

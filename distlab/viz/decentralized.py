@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
+import ipywidgets as widgets
 import networkx as nx
 import pandas as pd
 import plotly.graph_objects as go
@@ -69,6 +71,58 @@ def spectral_gap_figure(sizes=(4, 8, 16, 32, 64, 128), topologies=topo.TOPOLOGIE
                       yaxis={"title": "spectral gap (1 = one-step consensus)"},
                       height=360)
     return fig
+
+
+KNOB_SIZES = tuple(2 ** k for k in range(2, 11))  # 4 ... 1024 nodes
+
+
+@functools.cache
+def gap_of(topology: str, n: int, seed: int = 0) -> float:
+    """Spectral gap of the topology's mixing matrix on n nodes (cached: a knob asks again and again)."""
+    return topo.spectral_gap(topo.mixing_matrix(topo.graph(topology, n, seed=seed)))
+
+
+def measured_decay(run) -> pd.Series:
+    """Ξ(t) / Ξ(0) of a pure-averaging run on real ranks (lr = 0), by step."""
+    xi = _consensus(run)
+    return xi / xi.iloc[0]
+
+
+def consensus_knob(measured: dict, steps: int = 30, sizes=KNOB_SIZES, seed: int = 0) -> widgets.VBox:
+    """A topology dropdown and an N slider over the predicted disagreement decay Ξ(t)/Ξ(0) = (1 − gap)^t, the gap
+    computed from that graph's mixing matrix. `measured`: {topology: pure-averaging run on real ranks}; where the
+    chosen graph is the graph of a measured run (same N, same edges) its measured decay is drawn beside."""
+    measured_n = {run.world_size for run in measured.values()}
+    topology = widgets.Dropdown(options=list(topo.TOPOLOGIES), value="ring", description="topology")
+    size = widgets.SelectionSlider(options=sorted({*sizes, *measured_n}), value=min(measured_n, default=sizes[0]),
+                                   description="N (nodes)", continuous_update=False)
+    t = list(range(steps + 1))
+    fig = go.FigureWidget()
+    fig.add_scatter(x=t, y=[1.0] * len(t), mode="lines", name="predicted (1 − gap)^t", line={"color": _colour(0)})
+    fig.add_scatter(x=[], y=[], mode="markers", name="measured on real ranks", marker={"color": _colour(1), "size": 8})
+    fig.update_layout(xaxis_title="gossip step t", height=380,
+                      yaxis={"title": "disagreement Ξ(t) / Ξ(0)", "type": "log", "exponentformat": "power",
+                             "range": [-12, 0.2]})
+
+    def redraw(_=None) -> None:
+        name, n = topology.value, size.value
+        gap = gap_of(name, n, seed)
+        graph = topo.graph(name, n, seed=seed)
+        twin = next((m for m, run in measured.items()
+                     if run.world_size == n and topo.graph(m, n, seed=seed) == graph), None)
+        decay = measured_decay(measured[twin]) if twin else pd.Series(dtype=float)
+        with fig.batch_update():
+            fig.data[0].y = [max((1 - gap) ** k, 1e-300) for k in t]  # the complete graph: 0 after one step
+            fig.data[1].x, fig.data[1].y = decay.index.tolist(), decay.tolist()
+            fig.data[1].name = f"measured: pure averaging, {twin} of {n} real ranks" if twin else "measured (N/A)"
+            fig.layout.title = (f"{name} on {n} nodes: gap 1 − |λ₂(W)| = {gap:.4f}, predicted Ξ(t)/Ξ(0) = "
+                                f"{1 - gap:.4f}^t (from the mixing matrix)" + ("" if twin else
+                                "<br>no run of this graph in the notebook: the prediction alone"))
+
+    topology.observe(redraw, names="value")
+    size.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([topology, size]), fig])
 
 
 def _consensus(run) -> pd.Series:
