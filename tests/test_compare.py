@@ -154,3 +154,23 @@ def test_a_straggler_holds_back_sync_but_not_async(tmp_path):
     assert pushes[3] < max(pushes[1], pushes[2])  # async: the others do the straggler's share
     assert (sync["samples"] == PLAN["worker_steps"] * 3 * 32 and sync["accuracy"] > 0.6
             and asynchronous["accuracy"] > 0.6)
+
+
+@pytest.mark.timeout(200)
+def test_a_launch_on_another_world_size_takes_its_plan_from_the_size_it_got(monkeypatch, tmp_path):
+    """A student's first experiment changes the number of ranks: asked for 4, given 3 (as tests/test_world_sizes.py
+    does), FedAvg trains 2 clients and the row counts 3 ranks' bytes."""
+    asked = []
+
+    def given_three(fn, world_size, *args, **kwargs):
+        asked.append(world_size)
+        return dl.launch(fn, 3, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "launch", given_three)
+    monkeypatch.setenv("DISTLAB_RUNS", str(tmp_path))
+    table = compare.compare(TASK, architectures=("FedAvg", "gossip full"), timeout=120)
+    assert set(asked) == {4} and table["world_size"].tolist() == [3, 3]
+    rounds, steps = PLAN["rounds"], compare.plan(compare.sized(TASK, 3))["steps"]
+    assert table.loc["FedAvg", "bytes_by_rank"] == [rounds * 2 * PAYLOAD] + [rounds * (PAYLOAD + 4)] * 2
+    assert table.loc["FedAvg", "samples"] == PLAN["samples"]  # the same work, on two clients
+    assert table.loc["gossip full", "bytes_by_rank"] == [steps * 2 * PAYLOAD] * 3  # 2 neighbours each

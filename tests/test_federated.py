@@ -165,3 +165,16 @@ def test_figures_have_one_trace_per_series_and_labelled_axes():
     robust = viz.robustness_figure(table)
     assert len(robust.data) == 4 and all(len(t.x) == 2 for t in robust.data)
     assert robust.layout.xaxis.title.text == "% malicious clients"
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "shards"])
+def test_federated_digits_are_the_courses_split_the_training_images_dealt_out_and_the_test_set_whole(scheme):
+    """Notebooks 05 and 12 (and the rest of the course) report accuracies on the same 359 test digits."""
+    from distlab import data
+
+    x, y, x_test, y_test = data.digits()
+    fed = fd.digits(10, scheme)
+    assert torch.equal(fed.x_test, x_test) and torch.equal(fed.y_test, y_test)
+    assert sum(fed.sizes) == len(y) == 1438
+    dealt = sorted(map(tuple, torch.cat(fed.xs).tolist()))
+    assert dealt == sorted(map(tuple, x.tolist()))  # every training image once, no test image among them

@@ -14,20 +14,23 @@ its own module's entry point, and its row reads that module's own accounting:
   `federated_ranks.train_federated`, the run's comm table (a broadcast of S bytes counts as (N-1)·S
   sent by the server: what the clients receive).
 
-Ranks run only `warm_up` from here; pandas is imported by `compare` alone.
+A launch may run on another world size than `task.world_size` asks (a student's first experiment): the
+rank functions below take their plan from the size they got, and the rows read it from the run.
+Ranks run only these functions from here; pandas is imported by `compare` alone.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .. import data, models
 from ..communication.cost import ring_allreduce_bytes
 from ..launch import launch
+from ..ranks import needs_gloo, world_sizes
 from . import gossip
 from . import parameter_server as ps
 from .federated import partition as federated_data
@@ -74,6 +77,14 @@ def plan(task: Task, examples: int | None = None) -> dict[str, int]:
             "rounds": task.epochs}
 
 
+THREE = "the comparison needs a server and two workers (and a ring of 3)"
+
+
+def sized(task: Task, world_size: int) -> Task:
+    """The task on the world size a launch actually got."""
+    return replace(task, world_size=world_size)
+
+
 def warm_up(ctx) -> None:
     """Load the data and take one client step (torch.optim's first step imports a lot), so that no
     row pays for first-time imports."""
@@ -86,20 +97,41 @@ def warm_up(ctx) -> None:
 
 # -- one row per architecture, each read from its own module's accounting ------------------------------
 
+@world_sizes(lambda n, **_: n >= 3, THREE)
+def gossip_ranks(ctx, task: Task, algorithm: str, topology: str) -> dict:
+    """gossip.train for the steps of this launch's world size."""
+    steps = plan(sized(task, ctx.world_size))["steps"]
+    return gossip.train(ctx, algorithm=algorithm, topology=topology, steps=steps, lr=task.lr, batch=task.batch,
+                        eval_every=steps, seed=task.seed)
+
+
+@world_sizes(lambda n, **_: n >= 3, THREE)
+@needs_gloo(ps.ANY_SOURCE)
+def parameter_server_ranks(ctx, task: Task, mode: str, straggler_delay: float = 0.0) -> dict:
+    """ps.train for the worker steps of this launch's world size; the last worker sleeps straggler_delay s a step."""
+    slow = {"slow_rank": ctx.world_size - 1, "delay": straggler_delay} if straggler_delay else {}
+    return ps.train(ctx, mode=mode, steps=plan(sized(task, ctx.world_size))["worker_steps"], batch=task.batch,
+                    lr=task.lr, seed=task.seed, **slow)
+
+
+@world_sizes(lambda n, **_: n >= 3, THREE)
+def federated_ranks_of(ctx, task: Task):
+    """train_federated with one client per client rank of this launch."""
+    return federated_ranks.train_federated(ctx, *federation(sized(task, ctx.world_size)))
+
+
 def _row(name: str, run, samples: int, updates: int, syncs: float, bytes_by_rank: list[int], accuracy: float,
          drift: float = math.nan, staleness: float = math.nan) -> dict:
-    return {"architecture": name, "wall_s": run.config["seconds"], "samples": samples, "updates": updates,
-            "syncs": syncs, "bytes_total": sum(bytes_by_rank), "bytes_busiest": max(bytes_by_rank),
+    return {"architecture": name, "world_size": run.world_size, "wall_s": run.config["seconds"], "samples": samples,
+            "updates": updates, "syncs": syncs, "bytes_total": sum(bytes_by_rank), "bytes_busiest": max(bytes_by_rank),
             "bytes_by_rank": bytes_by_rank, "accuracy": accuracy, "drift": drift, "staleness": staleness,
             "run_dir": str(run.dir)}
 
 
 def run_gossip(name: str, task: Task, algorithm: str, topology: str, timeout: float) -> dict:
     """All-reduce data parallel or D-PSGD: every rank takes `steps` steps on its shard."""
-    steps = plan(task)["steps"]
-    run = launch(gossip.train, world_size=task.world_size, timeout=timeout, name=name.replace(" ", "_"),
-                 algorithm=algorithm, topology=topology, steps=steps, lr=task.lr, batch=task.batch,
-                 eval_every=steps, seed=task.seed)
+    run = launch(gossip_ranks, world_size=task.world_size, timeout=timeout, name=name.replace(" ", "_"), task=task,
+                 algorithm=algorithm, topology=topology)
     res = run.results
     consensus = run.metrics.query("rank == 0 and step >= 1")["consensus"]  # every rank logs the same value
     return _row(name, run, samples=sum(r["steps"] for r in res) * task.batch, updates=res[0]["steps"],
@@ -115,10 +147,10 @@ def _sent(run) -> list[int]:
     return [int(sends.get(r, 0)) for r in range(run.world_size)]
 
 
-def run_parameter_server(name: str, task: Task, mode: str, timeout: float, **options) -> dict:
-    """Rank 0 holds the parameters; each worker pulls, computes a gradient, pushes (options: as ps.train)."""
-    run = launch(ps.train, world_size=task.world_size, timeout=timeout, name=name.replace(" ", "_"), mode=mode,
-                 steps=plan(task)["worker_steps"], batch=task.batch, lr=task.lr, seed=task.seed, **options)
+def run_parameter_server(name: str, task: Task, mode: str, timeout: float, straggler_delay: float = 0.0) -> dict:
+    """Rank 0 holds the parameters; each worker pulls, computes a gradient, pushes."""
+    run = launch(parameter_server_ranks, world_size=task.world_size, timeout=timeout, name=name.replace(" ", "_"),
+                 task=task, mode=mode, straggler_delay=straggler_delay)
     server = next(r for r in run.results if r["role"] == "server")
     workers = [r for r in run.results if r["role"] == "worker"]
     pushes = [len(w["steps"]["step"]) for w in workers]
@@ -145,13 +177,12 @@ def federated_samples(fed, config) -> int:
 
 def run_federated(name: str, task: Task, timeout: float) -> dict:
     """Rank 0 broadcasts the model each round; each client rank trains one local epoch and sends its update."""
-    fed, config = federation(task)
-    run = launch(federated_ranks.train_federated, world_size=task.world_size, timeout=timeout, name=name,
-                 fed=fed, config=config)
+    run = launch(federated_ranks_of, world_size=task.world_size, timeout=timeout, name=name, task=task)
+    fed, config = federation(sized(task, run.world_size))
     comm = run.comm.query("tag == 'train'")
     sends = comm[comm.op == "send"].groupby("rank")["bytes"].sum()
-    broadcast = comm.query("rank == 0 and op == 'broadcast'")["bytes"].sum() * (task.world_size - 1)
-    sent = [int(broadcast)] + [int(sends.get(r, 0)) for r in range(1, task.world_size)]
+    broadcast = comm.query("rank == 0 and op == 'broadcast'")["bytes"].sum() * (run.world_size - 1)
+    sent = [int(broadcast)] + [int(sends.get(r, 0)) for r in range(1, run.world_size)]
     accuracy = federated_sim.evaluate(run.results[0], fed.x_test, fed.y_test)["accuracy"]
     return _row(name, run, samples=federated_samples(fed, config), updates=config.rounds, syncs=config.rounds,
                 bytes_by_rank=sent, accuracy=accuracy)
@@ -170,8 +201,8 @@ RUNNERS: dict[str, Callable[[Task, float], dict]] = {
 def compare(task: Task = Task(), architectures=ARCHITECTURES, timeout: float = 120,
             on_row: Callable[[dict], None] | None = None):
     """Train the task on each architecture in turn (warm ranks); a pandas DataFrame, one row each:
-    wall_s, samples, updates, syncs (communication rounds per worker), bytes_total, bytes_busiest,
-    bytes_by_rank, accuracy (test; gossip: mean over replicas), drift (mean consensus distance over
+    world_size (of its launch), wall_s, samples, updates, syncs (communication rounds per worker), bytes_total,
+    bytes_busiest, bytes_by_rank, accuracy (test; gossip: mean over replicas), drift (mean consensus distance over
     the steps; NaN with a single model), staleness (parameter server: mean version staleness)."""
     import pandas as pd
 
@@ -192,8 +223,8 @@ def stragglers(task: Task = Task(), delay: float = 0.02, timeout: float = 120):
     straggler): a sync step waits for it, an async server takes the others' pushes meanwhile."""
     import pandas as pd
 
-    slow = {"slow_rank": task.world_size - 1, "delay": delay}
-    rows = [run_parameter_server(f"PS {mode} + straggler", task, mode, timeout, **slow) for mode in ("sync", "async")]
+    rows = [run_parameter_server(f"PS {mode} + straggler", task, mode, timeout, straggler_delay=delay)
+            for mode in ("sync", "async")]
     return pd.DataFrame(rows).set_index("architecture")
 
 

@@ -1,8 +1,12 @@
 """Figures for federated learning (notebooks 05 and 05b): who holds which labels, accuracy per round,
-accuracy under attack, what the server sees under secure aggregation, accuracy against ε."""
+the α / C / E knob over simulated runs, accuracy under attack, what the server sees under secure
+aggregation, accuracy against ε."""
 
 from __future__ import annotations
 
+from itertools import product
+
+import ipywidgets as widgets
 import pandas as pd
 import plotly.graph_objects as go
 import torch
@@ -10,24 +14,28 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 
+from distlab.architectures.federated import partition
 from distlab.architectures.federated.partition import Federation
 from distlab.architectures.federated.simulation import Config, FederatedRun, simulate
 
 
-def simulate_all(runs: dict[str, tuple[Federation, Config]], engine: str = "vectorized") -> dict[str, FederatedRun]:
-    """Simulate each named (federation, config) with one progress bar over all their rounds."""
+def simulate_all(runs: dict, engine: str = "vectorized") -> dict:
+    """Simulate each named (federation, config) with one progress bar over all their rounds: {name: FederatedRun}."""
     bar = tqdm(total=sum(config.rounds for _, config in runs.values()), desc="federated rounds")
     out = {}
     for name, (fed, config) in runs.items():
-        bar.set_postfix_str(name)
+        bar.set_postfix_str(str(name))
         out[name] = simulate(fed, config, engine, on_round=lambda row: bar.update())
     bar.close()
     return out
 
 
-def server_history(run) -> FederatedRun:
-    """A dl.launch run of train_federated as a FederatedRun: the server's model and its rows per round."""
+def server_history(run, attempt: int | None = None) -> FederatedRun:
+    """A dl.launch run of train_federated as a FederatedRun: the server's model and its rows per round
+    (of one attempt, for a run restarted after its server died)."""
     rows = run.metrics[run.metrics["rank"] == 0].dropna(subset=["accuracy"])
+    if attempt is not None:
+        rows = rows[rows["attempt"] == attempt]
     return FederatedRun(run.results[0], [{**row, "round": int(row["step"])} for row in rows.to_dict("records")])
 
 
@@ -62,6 +70,50 @@ def accuracy_figure(runs: dict[str, FederatedRun], title: str = "test accuracy o
         fig.add_hline(y=target, line_dash="dot", annotation_text=f"{target:.0%}")
     fig.update_layout(title=title, xaxis_title="round", yaxis_title=metric.replace("_", " "), height=380)
     return fig
+
+
+IID = "IID"  # the reference the knob draws every chosen setting against
+
+
+def knob_grid(alphas=(0.1, 0.5, 10.0), fractions=(0.3, 1.0), epochs=(1, 5), num_clients: int = 10,
+              rounds: int = 15, batch_size: int = 10, lr: float = 0.1) -> dict[tuple, FederatedRun]:
+    """Real simulated runs for every (α, C, E) of the grid, α = "IID" included: {(α, C, E): FederatedRun}.
+    The knob only picks among them, so turning it costs nothing."""
+    feds = {a: partition.digits(num_clients, "dirichlet", alpha=a) for a in alphas}
+    feds[IID] = partition.digits(num_clients, "iid")
+    grid = {(a, c, e): (fed, Config(rounds=rounds, fraction=c, epochs=e, batch_size=batch_size, lr=lr))
+            for (a, fed), c, e in product(feds.items(), fractions, epochs)}
+    return simulate_all(grid)
+
+
+def _levels(grid: dict[tuple, FederatedRun], i: int) -> list:
+    return list(dict.fromkeys(key[i] for key in grid))
+
+
+def federated_knob(grid: dict[tuple, FederatedRun]) -> widgets.VBox:
+    """Dropdowns for Dirichlet α, client fraction C and local epochs E over knob_grid's runs: the chosen
+    setting's accuracy per round against IID at the same C and E, the final accuracies in the title."""
+    alpha = widgets.Dropdown(options=[a for a in _levels(grid, 0) if a != IID], description="α")
+    fraction = widgets.Dropdown(options=_levels(grid, 1), description="C")
+    epochs = widgets.Dropdown(options=_levels(grid, 2), description="E")
+    fig = go.FigureWidget()
+    for i, (name, dash) in enumerate((("chosen", "solid"), (IID, "dot"))):
+        fig.add_scatter(name=name, mode="lines+markers", line={"color": qualitative.Plotly[i], "dash": dash})
+    fig.update_layout(xaxis_title="round", yaxis_title="test accuracy", yaxis_range=[0, 1], height=380)
+
+    def redraw(_=None) -> None:
+        chosen, iid = grid[alpha.value, fraction.value, epochs.value], grid[IID, fraction.value, epochs.value]
+        with fig.batch_update():
+            for trace, run, name in zip(fig.data, (chosen, iid), (f"Dirichlet α={alpha.value:g}", IID)):
+                trace.x, trace.y = [r["round"] for r in run.history], [r["accuracy"] for r in run.history]
+                trace.name = name
+            fig.layout.title = (f"α={alpha.value:g}, C={fraction.value:g}, E={epochs.value}: final accuracy "
+                                f"{chosen.accuracy:.3f} (IID {iid.accuracy:.3f})")
+
+    for control in (alpha, fraction, epochs):
+        control.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([alpha, fraction, epochs]), fig])
 
 
 def robustness_figure(table: pd.DataFrame, title: str = "accuracy under attack") -> go.Figure:

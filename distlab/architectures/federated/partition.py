@@ -99,7 +99,8 @@ def federate(x, y, x_test, y_test, num_clients: int, scheme: str = "iid", seed: 
 
 
 def digits(num_clients: int = 10, scheme: str = "iid", seed: int = 0, **kwargs) -> Federation:
-    """scikit-learn's 8x8 digits (1,437 train / 359 test) over num_clients."""
+    """scikit-learn's 8x8 digits over num_clients: the training part of `distlab.data.digits` (1,438 images), the
+    split every notebook uses; its 359 test images stay whole, on the server."""
     from distlab.data import digits as load
 
     x, y, x_test, y_test = load()
