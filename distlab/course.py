@@ -145,7 +145,8 @@ def course_map(course: list[Lesson] | None = None, timings: dict | None = None):
     import pandas as pd
 
     course, timings = course or lessons(), timings or load_timings()
-    rows = [{"notebook": f"[{lesson.title}]({lesson.file})", "you will": "; ".join(lesson.objectives),
+    rows = [{"notebook": f"[{lesson.title}]({lesson.file})",
+             "you will": "<br>".join("• " + objective.rstrip(";.") for objective in lesson.objectives),
              "before this": ", ".join(s[:3].strip("_") for s in lesson.prerequisites) or "—",
              "Run All (min)": round(m, 1) if (m := minutes(lesson.stem, timings)) is not None else None}
             for lesson in course]
@@ -165,7 +166,7 @@ def paths(course: list[Lesson] | None = None, timings: dict | None = None):
                      "Run All (min, measured)": round(running, 1), "length (min)": PATH_MINUTES.get(name),
                      "left for reading and labs (min)": round(PATH_MINUTES[name] - running) if name in PATH_MINUTES
                      else None})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).fillna("—")
 
 
 def map_markdown(course: list[Lesson] | None = None, timings: dict | None = None) -> str:
@@ -176,6 +177,10 @@ def map_markdown(course: list[Lesson] | None = None, timings: dict | None = None
         cells = ["—" if value is None or value != value else str(value) for value in row]
         lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
     return "\n".join(lines)
+
+
+def _short(title: str, most: int = 42) -> str:
+    return title if len(title) <= most else title[:most - 1].rstrip() + "…"
 
 
 def run_time_figure(course: list[Lesson] | None = None, timings: dict | None = None):
@@ -189,11 +194,11 @@ def run_time_figure(course: list[Lesson] | None = None, timings: dict | None = N
             {s for stems in PATHS.values() for s in stems}
         members = [lesson for lesson in course if lesson.stem not in shorter
                    and (name == "full course" or lesson.stem in PATHS[name])]
-        fig.add_bar(name=name, y=[lesson.title for lesson in members], orientation="h",
+        fig.add_bar(name=name, y=[_short(lesson.title) for lesson in members], orientation="h",
                     x=[minutes(lesson.stem, timings) for lesson in members])
     fig.update_layout(title=f"Run All time per notebook (measured on {timings['machine'].split('(')[0].strip()})",
                       xaxis_title="minutes", height=560,
-                      yaxis={"categoryorder": "array", "categoryarray": [lesson.title for lesson in course],
+                      yaxis={"categoryorder": "array", "categoryarray": [_short(lesson.title) for lesson in course],
                              "autorange": "reversed", "title": None},
                       legend_title="first path that includes it", barmode="stack")
     return fig
