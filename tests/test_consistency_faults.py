@@ -1,16 +1,29 @@
 """The store under faults, on real ranks: who stays available, who stays linearizable, who converges."""
 
+import functools
 import math
 import os
 import stat
 
 import pytest
 
+import distlab as dl
 from distlab.consistency import checker, experiments, faults, linearizability
 from distlab.consistency.faults import Event, Faults, Schedule
 
 START, END = 0.25, 0.85  # the partition of experiments.SCHEDULES, seconds after the start
 MAJORITY, MINORITY = (0, 1), (2,)
+
+
+def test_the_fault_experiments_run_on_three_ranks_and_a_perfect_network_on_any_that_holds_a_quorum(tmp_path):
+    """Refused before any process starts, with the sizes that work: the schedules name ranks 0, 1 | 2."""
+    work = functools.partial(experiments.faulted_workload, timeout=0.1)
+    with pytest.raises(dl.WorldSizeError, match=r"cannot run on 2 rank\(s\): the fault schedules .* runs on: 3\.$"):
+        dl.launch(work, world_size=2, runs_root=str(tmp_path), schedule=experiments.SCHEDULES["partition"],
+                  mode="quorum", quorum=(2, 2))
+    with pytest.raises(dl.WorldSizeError, match=r"runs on: 3, 4, 5, .*, 16\.$"):
+        dl.launch(work, world_size=2, runs_root=str(tmp_path), schedule=faults.NONE, mode="quorum", quorum=(3, 3))
+    assert not any(tmp_path.iterdir()), "a refused launch must not create a run folder"
 
 
 # -- the fault layer alone --------------------------------------------------------------------------

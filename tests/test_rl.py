@@ -165,3 +165,42 @@ def test_summary_finds_the_step_where_the_100_episode_average_first_reaches_195(
     row = rlviz.summary({"run": result}).loc["run"]
     assert row["solved_at_step"] == steps[50 + 98 - 1] and row["steps_per_s"] == steps[-1]
     assert row["last_100_return"] == 200.0 and row["max_staleness"] == 0
+
+
+def test_the_outline_loop_makes_three_calls_per_step_and_learns_after_every_one():
+    agent = rl.OnlineAgent(seed=0)
+    start = agent.weights()
+    out = rl.outline_loop(rl.Environment(seed=0), agent, rl.call_here, episodes=5)
+    assert len(out["returns"]) == 5 and out["steps"] == sum(out["returns"])  # CartPole pays 1 per step
+    assert out["calls"] == 3 * out["steps"] + 5  # get_action, step, update per step; a reset per episode
+    assert agent.updates == out["steps"]
+    assert (agent.weights() - start).abs().max() > 0
+    again = rl.OnlineAgent(seed=0)
+    assert rl.outline_loop(rl.Environment(seed=0), again, rl.call_here, episodes=5)["returns"] == out["returns"]
+    assert torch.equal(again.weights(), agent.weights())
+
+
+def test_the_online_update_is_one_step_actor_critic():
+    """One update against its formula: loss = −log π(a|s)·δ + δ²/2 with δ = r + γV(s′) − V(s), one Adam step."""
+    agent, twin = rl.OnlineAgent(seed=2), rl.Policy()
+    twin.load_state_dict(agent.policy.state_dict())
+    opt = torch.optim.Adam(twin.parameters(), lr=0.005)
+    s, s2 = np.array([0.1, -0.2, 0.03, 0.4], np.float32), np.array([0.12, 0.1, 0.0, 0.2], np.float32)
+    logits, v = twin(torch.from_numpy(s))
+    _, v2 = twin(torch.from_numpy(s2))
+    delta = 1.0 + 0.99 * v2.detach() - v
+    (-torch.log_softmax(logits, -1)[1] * delta.detach() + 0.5 * delta ** 2).backward()
+    opt.step()
+    agent.update(s, 1, 1.0, s2, False)
+    assert torch.allclose(agent.weights(), rl.get_weights(twin), atol=1e-7)
+
+
+@pytest.mark.timeout(240)
+def test_the_outline_loop_on_ray_computes_what_one_process_computes(cluster):
+    env, agent = rl_ray.RemoteEnvironment.remote(3), rl_ray.RemoteOnlineAgent.remote(3)
+    remote = rl.outline_loop(env, agent, rl_ray.call_remote, episodes=6)
+    here_agent = rl.OnlineAgent(3)
+    here = rl.outline_loop(rl.Environment(3), here_agent, rl.call_here, episodes=6)
+    assert remote["returns"] == here["returns"] and remote["calls"] == here["calls"]
+    assert torch.allclose(rl_ray.call_remote(agent.weights), here_agent.weights(), atol=1e-6)
+    assert ray.get(agent.update.remote(np.zeros(4, np.float32), 0, 1.0, np.zeros(4, np.float32), True)) is None

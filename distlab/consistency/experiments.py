@@ -13,6 +13,7 @@ import statistics
 from dataclasses import dataclass
 
 from ..launch import launch
+from ..ranks import world_sizes
 from . import checker, linearizability
 from .faults import NONE, NetworkControl, Schedule, lossy, partition, paused
 from .store import History, Op, run_workload
@@ -33,6 +34,21 @@ SCHEDULES = {
 }
 WORLD = 3
 SETTLE = {"eventual": 3.0, "weak": 3.0}  # seconds to wait for replicas to agree after the operations; else 0.3
+
+
+def _runs_on(world_size: int, schedule=NONE, quorum: tuple = (2, 2), **_) -> bool:
+    """Three replicas under faults (the schedules and the live panel name ranks 0, 1 | 2); any N on a perfect
+    network, as long as a quorum fits in it."""
+    perfect = isinstance(schedule, Schedule) and not schedule.events
+    return world_size == WORLD or (perfect and world_size >= max(2, *quorum))
+
+
+@world_sizes(_runs_on, "the fault schedules and the live panel name the ranks of three replicas ({0, 1} | {2}, "
+             "pause rank 0) and the quorums are sized for N = 3; on a perfect network the store runs on any N "
+             "that holds a quorum")
+def faulted_workload(ctx, **options) -> dict:
+    """store.run_workload, on the world sizes this module's experiments are made for."""
+    return run_workload(ctx, **options)
 
 
 @dataclass
@@ -79,7 +95,7 @@ def _launch(label, schedule, duration, reply_timeout, seed, launch_timeout, runs
     if label not in MODES:
         raise ValueError(f"label must be one of {sorted(MODES)}, got {label!r}")
     mode = MODES[label]["mode"]
-    work = functools.partial(run_workload, timeout=reply_timeout)  # launch's own `timeout` bounds the launch
+    work = functools.partial(faulted_workload, timeout=reply_timeout)  # launch's own `timeout` bounds the launch
     options = {"ops": 10_000, "think": 0.004, "settle_timeout": SETTLE.get(mode, 0.3), **MODES[label], **knobs}
     return launch(work, world_size=WORLD, timeout=launch_timeout, quiet=True, runs_root=runs_root, block=block,
                   schedule=schedule, duration=duration, seed=seed, **options)

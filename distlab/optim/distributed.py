@@ -251,13 +251,13 @@ def compare_zero(ctx, steps: int = 20, lr: float = 1e-2, batch: int = 16, sizes:
 
 
 def gradient_noise(ctx, batch: int = 8, draws: int = 40, seed: int = 0) -> dict:
-    """E‖ḡₙ − ∇J‖² for the gradient ḡₙ averaged over n = 1, 2, 4, … ranks, each drawing `batch`
-    examples from the whole training set; ∇J is the full-batch gradient. Expect tr(Σ)/(n·b)."""
+    """E‖ḡₙ − ∇J‖² for the gradient ḡₙ averaged over n ranks, for every n that divides the world size, each
+    rank drawing `batch` examples from the whole training set; ∇J is the full-batch gradient. Expect tr(Σ)/(n·b)."""
     x, y, _, _ = data.digits()
     model = _digits_model(seed)
     F.cross_entropy(model(x), y).backward()
     full = flat_grad(model)
-    sizes = [n for n in (2**k for k in range(ctx.world_size.bit_length())) if ctx.world_size % n == 0]
+    sizes = [n for n in range(1, ctx.world_size + 1) if ctx.world_size % n == 0]
     errors = {n: 0.0 for n in sizes}
     batches = data.minibatches(x, y, batch, seed, ctx.rank)
     for _ in range(draws):

@@ -156,6 +156,79 @@ class Actor:
         return out
 
 
+# -- the outline's §5.2 loop as written: an environment and an agent, called once per step -----------------
+
+class Environment:
+    """The outline's environment: reset() gives a state, step(action) gives (next_state, reward, done, info),
+    the classic gym 4-tuple the outline unpacks. Only the first reset is seeded."""
+
+    def __init__(self, seed: int = 0):
+        self.env, self.next_reset_seed = gym.make("CartPole-v1"), seed
+
+    def reset(self) -> np.ndarray:
+        obs, _ = self.env.reset(seed=self.next_reset_seed)
+        self.next_reset_seed = None
+        return obs
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, dict]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, float(reward), terminated or truncated, info
+
+
+class OnlineAgent:
+    """The outline's agent: `get_action` per step and `update(state, action, reward, next_state, done)` after
+    every step. The update is one-step actor-critic: the TD error r + γV(s') − V(s) is the advantage of the
+    action taken and the value's regression error; one Adam step per environment step."""
+
+    def __init__(self, seed: int = 0, hidden: int = 32, lr: float = 0.005, gamma: float = 0.99):
+        torch.manual_seed(seed)
+        self.policy = Policy(hidden)
+        self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=lr)
+        self.rng, self.gamma, self.updates = np.random.default_rng(seed), gamma, 0
+
+    def get_action(self, state: np.ndarray) -> int:
+        with torch.no_grad():
+            logits, _ = self.policy(torch.as_tensor(state, dtype=torch.float32))
+        return int(self.rng.random() < torch.softmax(logits, -1)[1].item())
+
+    def update(self, state: np.ndarray, action: int, reward: float, next_state: np.ndarray, done: bool) -> None:
+        logits, values = self.policy(torch.as_tensor(np.stack([state, next_state]), dtype=torch.float32))
+        target = reward + (0.0 if done else self.gamma * values[1].detach())
+        error = target - values[0]
+        loss = -torch.log_softmax(logits[0], -1)[action] * error.detach() + 0.5 * error ** 2
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        self.updates += 1
+
+    def weights(self) -> torch.Tensor:
+        return get_weights(self.policy)
+
+
+def call_here(method, *args):
+    """Run a method in this process: the outline's loop without Ray (on_ray.call_remote is the Ray one)."""
+    return method(*args)
+
+
+def outline_loop(env, agent, call=call_here, episodes: int = 100, max_steps: int | None = None) -> dict:
+    """The outline's §5.2 training loop, line for line: per step get_action, env.step, agent.update, each
+    through `call(method, *args)`; up to `episodes` episodes (or the episode in which `max_steps` is reached).
+    Returns the episode returns, steps, calls made and seconds."""
+    returns, steps, calls, start = [], 0, 0, time.perf_counter()
+    for _ in range(episodes):
+        state, done, total = call(env.reset), False, 0.0
+        calls += 1
+        while not done:
+            action = call(agent.get_action, state)
+            next_state, reward, done, _ = call(env.step, action)
+            call(agent.update, state, action, reward, next_state, done)
+            state, steps, calls, total = next_state, steps + 1, calls + 3, total + reward
+        returns.append(total)
+        if max_steps is not None and steps >= max_steps:
+            break
+    return {"returns": returns, "steps": steps, "calls": calls, "seconds": time.perf_counter() - start}
+
+
 def returns_to_go(rewards: np.ndarray, gamma: float) -> np.ndarray:
     """G_t = r_t + gamma r_{t+1} + ... to the end of the episode."""
     out, running = np.empty_like(rewards), 0.0

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 import torch
 
-from .actor_learner import Actor, Agent, Learner, Trajectory, TrajectoryLog, check_options
+from .actor_learner import Actor, Agent, Environment, Learner, OnlineAgent, Trajectory, TrajectoryLog, check_options
 
 
 def start(num_cpus: int = 2, attempts: int = 2) -> None:
@@ -33,8 +33,25 @@ def start(num_cpus: int = 2, attempts: int = 2) -> None:
                 raise
 
 
+def stop() -> None:
+    """Shut the local Ray instance down (its worker processes end with it)."""
+    ray.shutdown()
+
+
 RemoteActor = ray.remote(Actor)  # a rollout actor (or, in the seed's loop, just an environment)
 RemoteAgent = ray.remote(Agent)  # the seed's agent actor: asked for one action at a time
+RemoteEnvironment = ray.remote(Environment)  # the outline's two actors, as it writes them (§5.2)
+RemoteOnlineAgent = ray.remote(OnlineAgent)
+
+
+def wait_started(*actors) -> None:
+    """Block until these actors' processes are up, so that their start-up is not timed as the first call."""
+    ray.get([actor.__ray_ready__.remote() for actor in actors])
+
+
+def call_remote(method, *args):
+    """One remote call, waited for: `ray.get(actor.method.remote(*args))`, as every line of the outline's loop."""
+    return ray.get(method.remote(*args))
 
 
 @ray.remote

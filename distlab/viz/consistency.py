@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ipywidgets as widgets
 import plotly.graph_objects as go
 from plotly.colors import qualitative
@@ -10,7 +12,7 @@ from plotly.subplots import make_subplots
 from distlab.consistency.checker import stale_reads
 from distlab.consistency.store import History
 
-from .architectures import loss_figure
+from .architectures import in_time_order, loss_figure
 
 MODE_COLOURS = {"strong": qualitative.Plotly[0], "weak": qualitative.Plotly[1], "eventual": qualitative.Plotly[2]}
 KIND_COLOURS = {"read": "#636efa", "write": "#ef553b", "reply": "#b6b6b6", "replicate": "#ab63fa",
@@ -101,6 +103,58 @@ def training_figure(runs: dict[str, list[dict]], smooth: int = 5) -> go.Figure:
     """Loss against iteration and against wall time, one line per staleness bound (runs: label -> the
     results of distlab.architectures.staleness.train); the loss is a rolling mean over `smooth` iterations."""
     return loss_figure(runs, smooth, title="BSP, SSP and ASP with a straggler")
+
+
+def bound_label(s: float) -> str:
+    return "∞" if s == math.inf else f"{s:g}"
+
+
+def final_loss(results: list[dict], last: int = 10) -> float:
+    """Mean minibatch loss of the last `last` iterations (last·workers minibatches, in time order)."""
+    steps = in_time_order(results)
+    return float(steps["loss"].tail(last * steps["rank"].nunique()).mean())
+
+
+def staleness_knob(runs: dict[float, list[dict]], smooth: int = 5) -> widgets.VBox:
+    """A slider over the staleness bounds s that were run (runs: s -> the results of
+    distlab.architectures.staleness.train): wall time and final loss against s, the chosen s marked, and that
+    run's loss against wall time. It redraws from the runs already made; a move launches nothing."""
+    bounds = sorted(runs)
+    labels = [bound_label(s) for s in bounds]
+    walls = [max(r["wall_s"] for r in runs[s] if r["role"] == "worker") for s in bounds]
+    losses = [final_loss(runs[s]) for s in bounds]
+    fig = go.FigureWidget(make_subplots(rows=1, cols=3, horizontal_spacing=0.08, subplot_titles=(
+        "wall time against s", "final loss against s", "loss of the chosen run")))
+    line = {"mode": "lines+markers", "showlegend": False, "line": {"color": "grey"}}
+    ring = {"size": 16, "color": "#d62728", "symbol": "circle-open", "line": {"width": 3}}
+    chosen = {"mode": "markers", "showlegend": False, "marker": ring}
+    fig.add_scatter(x=labels, y=walls, row=1, col=1, **line)
+    fig.add_scatter(x=labels[:1], y=walls[:1], row=1, col=1, **chosen)
+    fig.add_scatter(x=labels, y=losses, row=1, col=2, **line)
+    fig.add_scatter(x=labels[:1], y=losses[:1], row=1, col=2, **chosen)
+    fig.add_scatter(x=[], y=[], row=1, col=3, mode="lines", showlegend=False, line={"color": "#d62728"})
+    fig.update_xaxes(title_text="staleness bound s (clocks)", type="category", row=1, col=1)
+    fig.update_xaxes(title_text="staleness bound s (clocks)", type="category", row=1, col=2)
+    fig.update_xaxes(title_text="wall time (s)", rangemode="tozero", row=1, col=3)
+    fig.update_yaxes(title_text="seconds", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="training loss (mean of the last 10 iterations)", row=1, col=2)
+    fig.update_yaxes(title_text=f"training loss (rolling mean of {smooth})", row=1, col=3)
+    fig.update_layout(height=380, title="The staleness bound s: wall time and loss, measured in the runs above")
+    slider = widgets.SelectionSlider(options=list(zip(labels, bounds)), value=bounds[0], description="s",
+                                     continuous_update=False)
+
+    def show(s: float) -> None:
+        i, steps = bounds.index(s), in_time_order(runs[s])
+        curve = steps["loss"].rolling(smooth * steps["rank"].nunique(), min_periods=1).mean()
+        with fig.batch_update():
+            fig.data[1].x, fig.data[1].y = [labels[i]], [walls[i]]
+            fig.data[3].x, fig.data[3].y = [labels[i]], [losses[i]]
+            fig.data[4].x, fig.data[4].y = list(steps["t"]), list(curve)
+            fig.layout.annotations[2].text = f"loss of the run with s = {labels[i]}"
+
+    slider.observe(lambda change: show(change["new"]), names="value")
+    show(bounds[0])
+    return widgets.VBox([slider, fig])
 
 
 FAULT_MODE_COLOURS = {**MODE_COLOURS, "quorum R=2 W=2": qualitative.Plotly[3], "quorum R=1 W=1": qualitative.Plotly[4]}

@@ -7,6 +7,7 @@ dl.launch(rl.train, ...)); the comparisons take a dict label -> result.
 
 from __future__ import annotations
 
+import ipywidgets as widgets
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -20,6 +21,12 @@ from .figures import _colour
 def learner_result(source) -> dict:
     """The learner's result from a result dict or from a Run of rl.train (rank 0)."""
     return source.results[0] if hasattr(source, "results") else source
+
+
+def run_name(source) -> str:
+    """'torch.distributed, async, 2 actors': the engine, the mode and the actors a run really had."""
+    r = learner_result(source)
+    return f"{r['engine']}, {r['mode']}, {r['actors']} actor{'s' * (r['actors'] > 1)}"
 
 
 def episodes(source) -> pd.DataFrame:
@@ -102,3 +109,37 @@ def staleness_figure(runs: dict, cap: int = 10,
     fig.update_yaxes(title_text="share of trajectories", tickformat=".0%")
     fig.update_layout(title=title, height=360, barmode="group", legend_title_text="run")
     return fig
+
+
+def actors_knob(runs: dict, smooth: int = 20) -> widgets.VBox:
+    """A slider over the number of rollout actors that were run (runs: label -> a learner result or a Run of
+    rl.train; one per number of actors, the last kept): environment steps per second against actors, the
+    chosen count marked, and that run's episode return against wall time. Redraws from the runs; launches
+    nothing."""
+    by_actors = {learner_result(source)["actors"]: source for source in runs.values()}
+    counts = sorted(by_actors)
+    rates = [learner_result(by_actors[n])["env_steps"] / learner_result(by_actors[n])["seconds"] for n in counts]
+    fig = go.FigureWidget(make_subplots(rows=1, cols=2, subplot_titles=(
+        "environment steps per second against actors", "episode return of the chosen run")))
+    fig.add_scatter(x=counts, y=rates, mode="lines+markers", showlegend=False, line=dict(color="grey"), row=1, col=1)
+    fig.add_scatter(x=counts[:1], y=rates[:1], mode="markers", showlegend=False, row=1, col=1,
+                    marker=dict(size=16, color=_colour(1), symbol="circle-open", line=dict(width=3)))
+    fig.add_scatter(x=[], y=[], mode="lines", showlegend=False, line=dict(color=_colour(1)), row=1, col=2)
+    fig.add_hline(y=SOLVED, line_dash="dot", line_color="grey", row=1, col=2)
+    fig.update_xaxes(title_text="rollout actors", tickvals=counts, row=1, col=1)
+    fig.update_yaxes(title_text="environment steps per second", rangemode="tozero", row=1, col=1)
+    fig.update_xaxes(title_text="seconds since the learner started", row=1, col=2)
+    fig.update_yaxes(title_text=f"episode return (mean of {smooth})", row=1, col=2)
+    fig.update_layout(height=380, title="Actors against throughput, measured in the runs above")
+    slider = widgets.SelectionSlider(options=counts, value=counts[0], description="actors", continuous_update=False)
+
+    def show(n: int) -> None:
+        i, eps = counts.index(n), episodes(by_actors[n])
+        with fig.batch_update():
+            fig.data[1].x, fig.data[1].y = [n], [rates[i]]
+            fig.data[2].x, fig.data[2].y = list(eps["t"]), list(eps["ret"].rolling(smooth, min_periods=1).mean())
+            fig.layout.annotations[1].text = f"episode return with {n} actor{'s' * (n > 1)}: {rates[i]:,.0f} steps/s"
+
+    slider.observe(lambda change: show(change["new"]), names="value")
+    show(counts[0])
+    return widgets.VBox([slider, fig])
