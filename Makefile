@@ -6,14 +6,14 @@ BIN    := $(VENV)/bin
 # CUDA build of the same release from PyPI.
 TORCH  ?= torch==2.13.0
 
-.PHONY: lab test setup browser clean gpu-check
+.PHONY: lab test setup browser clean gpu-check book
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(TORCH)
-	$(BIN)/pip install -e '.[dev,ray]'
+	$(BIN)/pip install -e '.[dev,ray,book]'
 	touch $@
 
 lab: setup
@@ -33,6 +33,12 @@ test: setup browser
 # GPUs, checked against the CPU, and the GPU figures, in one table ($(OUT) or runs/gpu_check).
 gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py
+
+# The course as a static website (Jupyter Book 1), built from the notebooks the tests executed and saved
+# in $(EXECUTED) (run `make test` first): open build/book/html/index.html. Nothing is executed again.
+EXECUTED ?= build/executed
+book: setup
+	$(BIN)/python book/build.py --executed $(EXECUTED) --out build/book
 
 clean:
 	rm -rf $(VENV) runs

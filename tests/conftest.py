@@ -62,3 +62,8 @@ def no_ranks_left():
 def pytest_sessionfinish(session, exitstatus):
     dl.shutdown()
     os.environ.pop("DISTLAB_RUNS", None)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The site test builds the course from the notebooks the browser test just executed: run it last."""
+    items.sort(key=lambda item: item.path.name == "test_site.py")
