@@ -40,13 +40,13 @@ def test_the_rule_sees_the_functions_arguments_also_through_partial(tmp_path: Pa
     assert dl.launch(meshed, world_size=4, dp=2, runs_root=str(tmp_path), quiet=True).results == [4] * 4
 
 
-@pytest.mark.timeout(TIMEOUT + 120)
 def test_notebooks_that_say_they_launch_nothing_launch_nothing() -> None:
     for notebook in IN_PROCESS:
         code = "\n".join(c.source for c in nbformat.read(notebook, as_version=4).cells if c.cell_type == "code")
         assert "launch(" not in code and "on_ranks(" not in code, f"{notebook.name} launches ranks"
 
 
+@pytest.mark.timeout(TIMEOUT + 120)
 @pytest.mark.parametrize("notebook", [nb for nb in NOTEBOOKS if nb not in IN_PROCESS], ids=lambda p: p.stem)
 def test_notebook_runs_with_other_world_sizes(notebook: Path, tmp_path: Path) -> None:
     """Every launch asks for another size (4 → 3, 3 → 2, 2 → 3); the notebook must still run clean, and
