@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import Pipe
 
@@ -170,6 +171,18 @@ def place(world_size: int, backend: str = "auto", needs_gloo: str | None = None)
 def default_threads(world_size: int) -> int:
     """torch intra-op threads per rank: the cores shared out; oversubscription makes small CPUs crawl."""
     return max(1, len(os.sched_getaffinity(0)) // world_size)
+
+
+@contextmanager
+def one_thread():
+    """Run the block with one torch thread, then restore the count: on a few shared cores a thread pool's
+    contention costs more than it gains (warm ranks and the notebook keep their own count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def free_port() -> int:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 import math
-from contextlib import contextmanager
 
 import torch
+
+from ..ranks import one_thread
 
 TOPOLOGIES = ("ring", "torus", "full", "random", "exponential")
 
@@ -102,18 +103,6 @@ def mixing_matrix(graph: list, alive: list[int] | None = None) -> torch.Tensor:
     degree = links.sum(1).double()
     w = torch.where(links, 1.0 / (1 + torch.maximum(degree[:, None], degree[None, :])), 0.0)
     return w + torch.diag(1.0 - w.sum(1))  # built as tensors: the complete graph on 1024 nodes in milliseconds
-
-
-@contextmanager
-def one_thread():
-    """Run torch on one thread: on a few shared cores a thread pool's contention costs more than it gains
-    (an eigendecomposition of 1,024 nodes: under a second on one thread, tens of seconds on two busy ones)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def slem(w: torch.Tensor) -> float:

@@ -9,7 +9,6 @@ share of a step is what keeps s above zero here.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from statistics import median
 from time import perf_counter, thread_time
 
@@ -18,19 +17,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..models import mlp
+from ..ranks import one_thread
 
 WIDTHS = (512, 512, 512, 10)  # wide enough that one step is tens of milliseconds of arithmetic on one thread
-
-
-@contextmanager
-def one_thread():
-    """Run the block with one torch thread, then restore the count (warm ranks and the notebook keep theirs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _clock(device: torch.device) -> float:
