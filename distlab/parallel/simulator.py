@@ -228,10 +228,8 @@ def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
 
-def _layer_seconds(model, x, repeats: int) -> list[float]:
-    """Forward+backward of each layer alone, on the input it gets in the model: the median of `repeats`."""
-    import time
-
+def _layer_inputs(model, x) -> list:
+    """The input each layer gets in the model's forward."""
     import torch
 
     inputs, out = [], x
@@ -239,22 +237,28 @@ def _layer_seconds(model, x, repeats: int) -> list[float]:
         for layer in model:
             inputs.append(out)
             out = layer(out)
+    return inputs
+
+
+def _one_pass_of_layers(model, inputs) -> list[float]:
+    """Forward+backward of each layer alone, on the input it gets in the model."""
+    import time
+
+    import torch
+
     times = []
     for layer, given in zip(model, inputs):
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            given = given.detach().requires_grad_(given.is_floating_point())
-            y = layer(given)
-            y.backward(torch.ones_like(y))
-            runs.append(time.perf_counter() - start)
-        times.append(_median(runs))
+        start = time.perf_counter()
+        given = given.detach().requires_grad_(given.is_floating_point())
+        y = layer(given)
+        y.backward(torch.ones_like(y))
+        times.append(time.perf_counter() - start)
     return times
 
 
-def _steps_taking_turns(ctx, model, data, repeats: int) -> tuple[float, float]:
-    """Median seconds of a whole data-parallel step without its all-reduce (draw the batch, forward, backward,
-    flatten the gradients, Adam) and with it, taking turns so that a burst of load hits both alike."""
+def _one_step(ctx, model, optimizer, data, reduce: bool) -> float:
+    """Seconds of a whole data-parallel step (draw the batch, forward, backward, flatten the gradients, Adam),
+    with its all-reduce or without."""
     import time
 
     import torch
@@ -262,30 +266,39 @@ def _steps_taking_turns(ctx, model, data, repeats: int) -> tuple[float, float]:
 
     from ..gpt import lm_loss
 
+    dist.barrier()
+    start = time.perf_counter()
+    x, y = next(data)
+    lm_loss(model(x), y).backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    if reduce:
+        dist.all_reduce(grads)
+        grads.div_(ctx.world_size)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    return time.perf_counter() - start
+
+
+def _timed_in_turns(ctx, model, data, repeats: int) -> tuple[list[float], float, float]:
+    """Medians of each layer alone, of the step without its all-reduce and of the step with it, timed in turns
+    within each round, so that a burst of load from other processes hits the three alike; the first round warms
+    up and is dropped."""
+    import torch
+
+    inputs = _layer_inputs(model, next(data)[0])
     optimizer = torch.optim.Adam(model.parameters())
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(repeats + 1):
-        for reduce in (False, True):
-            dist.barrier()
-            start = time.perf_counter()
-            x, y = next(data)
-            lm_loss(model(x), y).backward()
-            grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
-            if reduce:
-                dist.all_reduce(grads)
-                grads.div_(ctx.world_size)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize(ctx.device)
-            times[reduce].append(time.perf_counter() - start)
-    return _median(times[False][1:]), _median(times[True][1:])
+    rounds = [(_one_pass_of_layers(model, inputs), _one_step(ctx, model, optimizer, data, reduce=False),
+               _one_step(ctx, model, optimizer, data, reduce=True)) for _ in range(repeats + 1)][1:]
+    layers = [_median([r[0][i] for r in rounds]) for i in range(len(inputs))]
+    return layers, _median([r[1] for r in rounds]), _median([r[2] for r in rounds])
 
 
-def calibrate(ctx, batch: int = 8, cfg: GPTConfig | None = None, repeats: int = 7) -> dict:
-    """On every rank at once: each layer's forward+backward; all-reduce times at four sizes (alpha and beta); then
-    the step without its all-reduce and the plain data-parallel step, taking turns. The simulator predicts the
-    second from the layers, the rest of the local step (data, loss, flattening, Adam) and the link."""
+def calibrate(ctx, batch: int = 8, cfg: GPTConfig | None = None, repeats: int = 15) -> dict:
+    """On every rank at once: all-reduce times at four sizes (alpha and beta); then, in turns, each layer's
+    forward+backward, the step without its all-reduce and the plain data-parallel step. The simulator predicts
+    the last from the layers, the rest of the local step (data, loss, flattening, Adam) and the link."""
     import torch
     import torch.distributed as dist
 
@@ -297,13 +310,12 @@ def calibrate(ctx, batch: int = 8, cfg: GPTConfig | None = None, repeats: int = 
     cfg = cfg or GPTConfig()
     model = gpt(cfg).to(ctx.device)
     data = _data(ctx, cfg, batch, seed=0)
-    layers = _layer_seconds(model, next(data)[0], repeats)
     rows = time_all_reduces(ctx, [1 << 12, 1 << 16, 1 << 19, 1 << 21], algorithms=("gloo",), repeats=repeats)
     n = ctx.world_size
     alpha, beta = fit_alpha_beta([message_rounds("ring", n)] * len(rows),
                                  [critical_bytes("ring", r["bytes"] // 4, 4, n) for r in rows],
                                  [r["seconds"] for r in rows])
-    local, step = _steps_taking_turns(ctx, model, data, repeats)
+    layers, local, step = _timed_in_turns(ctx, model, data, repeats)
     slowest = torch.tensor([*layers, local - sum(layers), step], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # a data-parallel step waits for its slowest rank
     *layers, other, step = slowest.tolist()
