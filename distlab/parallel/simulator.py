@@ -291,8 +291,8 @@ def _timed_in_turns(ctx, model, data, repeats: int) -> tuple[list[float], float,
     optimizer = torch.optim.Adam(model.parameters())
     rounds = [(_one_pass_of_layers(model, inputs), _one_step(ctx, model, optimizer, data, reduce=False),
                _one_step(ctx, model, optimizer, data, reduce=True)) for _ in range(repeats + 1)][1:]
-    layers = [_median([r[0][i] for r in rounds]) for i in range(len(inputs))]
-    return layers, _median([r[1] for r in rounds]), _median([r[2] for r in rounds])
+    passes, locals_, steps = zip(*rounds)
+    return [_median(runs) for runs in zip(*passes)], _median(locals_), _median(steps)
 
 
 def calibrate(ctx, batch: int = 8, cfg: GPTConfig | None = None, repeats: int = 15) -> dict:
