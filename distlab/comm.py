@@ -1,7 +1,7 @@
 """Instrumented communication: every op distlab issues records its payload bytes and seconds.
 
-`Comm` wraps the torch.distributed calls a training function uses; `ddp_comm_hook` does the same for
-DistributedDataParallel's gradient all-reduce. Records go to the rank's telemetry (see telemetry.py),
+`Comm` wraps the torch.distributed calls a training function uses (DistributedDataParallel's own
+all-reduce is counted apart, by telemetry.DDPTraffic). Records go to the rank's telemetry (see telemetry.py),
 tagged "train" (the algorithm's own traffic) or "telemetry" (what watching it costs). `Events` logs
 every send/recv of a hand-written collective (communication/collectives.py) for the cost table and the
 replay; communication/cost.py says what each algorithm should have sent.
@@ -95,23 +95,6 @@ class Pending:
     def wait(self) -> None:
         self._work.wait()
         self._on_done()
-
-
-def ddp_comm_hook(traffic):
-    """A DDP communication hook: the usual averaged all-reduce of each gradient bucket, counted.
-
-    `traffic` (telemetry.DDPTraffic) gets the bucket's bytes when it is issued and a time stamp when
-    it is done; nothing else runs in Python per bucket (the rank's row gets one comm record per step).
-    Register it with the model's process group as state: the all-reduce goes straight to that group
-    (the C++ call under `dist.all_reduce`).
-    """
-
-    def hook(group, bucket):  # no annotations: DDP rejects a string "dist.GradBucket" (future annotations)
-        buffer = bucket.buffer().div_(group.size())
-        traffic.issued(buffer.numel() * buffer.element_size())
-        return group.allreduce([buffer]).get_future().then(traffic.done)
-
-    return hook
 
 
 # -- every point-to-point transfer of a collective, for the cost table and the replay ----------------

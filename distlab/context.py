@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import telemetry
-from .comm import Comm, ddp_comm_hook
+from .comm import Comm
 from .runs import write_progress
 
 
@@ -55,14 +55,16 @@ class Context:
                 self._drift = (step, telemetry.Drift(self._watched, self.comm))
         self._telemetry.log(scalars, norms)
 
-    def watch(self, model: nn.Module, drift_every: int = 10, every: int = 1) -> nn.Module:
+    def watch(self, model: nn.Module, drift_every: int = 100, every: int = 1) -> nn.Module:
         """Record gradient norms on each `ctx.log(step=...)` whose step is a multiple of `every` (sampling:
-        1 = every step), and the drift every `drift_every` logged steps (0 turns it off). A
-        DistributedDataParallel model also gets a comm hook that counts its all-reduces."""
+        1 = every step), and the drift every `drift_every` logged steps (0 turns it off). Each drift
+        all-reduces the whole model, as much as a DDP step moves: every 100 steps it adds 1% to DDP's
+        traffic, every 10 steps 10%. A DistributedDataParallel model's all-reduces are counted too
+        (telemetry.DDPTraffic): bytes, without a Python hook."""
         if every < 1:
             raise ValueError(f"every must be a positive number of steps, got {every!r}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            model.register_comm_hook(model.process_group, ddp_comm_hook(self._telemetry.ddp))
+            self._telemetry.ddp.count(model)
         self._watched, self._drift_every, self._norms_every = model, drift_every, every
         self._norms = telemetry.GradNormMeter(model)
         return model

@@ -39,30 +39,37 @@ def _jsonable(value):
 
 
 class DDPTraffic:
-    """What DDP's gradient all-reduces moved since the last row: a counter the comm hook bumps per bucket.
+    """What DDP's gradient all-reduces moved since the last row, counted without a Python comm hook.
 
-    Bytes and calls are counted when a bucket is issued (on the thread running backward); the bucket's
-    completion only stamps the time. A row's seconds span the first bucket's issue to the last one's end:
-    the window in which the all-reduces overlapped backward."""
+    DDP keeps its own C++ all-reduce, so nothing runs in Python per bucket or when a bucket is done. A
+    forward pre-hook counts the forwards whose backward will synchronize; each such backward all-reduces
+    every gradient byte of the model once. Their seconds are not timed: they overlap backward inside DDP
+    (notebook 13's overlap timeline measures how much of them the step still waits for)."""
 
     def __init__(self):
-        self.bytes = self.calls = 0
-        self.first_issue = self.last_done = 0.0
+        self.bytes = self.syncs = 0
+        self._per_sync = 0
 
-    def issued(self, payload: int) -> None:
-        if not self.calls:
-            self.first_issue = time.perf_counter()
-        self.bytes += payload
-        self.calls += 1
+    def count(self, model: nn.parallel.DistributedDataParallel) -> None:
+        hook = model._get_ddp_logging_data().get("comm_hook")
+        if hook is not None:
+            raise ValueError(f"this DDP model already has a comm hook ({hook}); ctx.watch counts DDP's own "
+                             "all-reduce of every gradient byte, so watch the model before registering one, or "
+                             "count your hook's traffic with ctx.comm")
+        ignored = model.parameters_to_ignore
+        self._per_sync = sum(p.numel() * p.element_size() for name, p in model.module.named_parameters()
+                             if p.requires_grad and name not in ignored)
+        model.register_forward_pre_hook(self._forward)
 
-    def done(self, future):  # the Future.then callback: one time stamp, then hand DDP its tensor
-        self.last_done = time.perf_counter()
-        return future.value()[0]
+    def _forward(self, model, inputs) -> None:
+        if torch.is_grad_enabled() and model.require_backward_grad_sync:
+            self.bytes += self._per_sync
+            self.syncs += 1
 
-    def take(self) -> tuple[int, int, float]:
-        """(bytes, calls, seconds) since the last take, and start counting afresh."""
-        taken = (self.bytes, self.calls, max(0.0, self.last_done - self.first_issue))
-        self.bytes = self.calls = 0
+    def take(self) -> tuple[int, int]:
+        """(bytes, synchronized backwards) since the last take, and start counting afresh."""
+        taken = (self.bytes, self.syncs)
+        self.bytes = self.syncs = 0
         return taken
 
 
@@ -98,9 +105,9 @@ class Telemetry:
     def _comm_rows(self) -> tuple[list[dict], dict]:
         """The comm records since the last row (DDP's counted traffic as one record) and their totals,
         training traffic and overhead apart."""
-        payload, calls, seconds = self.ddp.take()
-        if calls:
-            self._queued.append((time.time(), "all_reduce", "ddp", payload, seconds))
+        payload, syncs = self.ddp.take()
+        if syncs:
+            self._queued.append((time.time(), "all_reduce", "ddp", payload, 0.0))
         totals = {"comm_bytes": 0, "comm_seconds": 0.0, "overhead_bytes": 0, "overhead_seconds": 0.0}
         rows = []
         while self._queued:
@@ -126,6 +133,7 @@ class Telemetry:
         """Write every buffered row now (each file in one write)."""
         with self._lock:
             rows, self._rows = self._rows, {"metrics": [], "comm": []}
+        _read_norms(rows["metrics"])
         for kind, batch in rows.items():
             if batch:
                 self._files[kind].write("".join(json.dumps(_encoded(row)) + "\n" for row in batch))
@@ -153,10 +161,20 @@ class Telemetry:
 _OPEN: weakref.WeakSet[Telemetry] = weakref.WeakSet()  # the recorders flush_open writes out
 
 
+def _read_norms(rows: list[dict]) -> None:
+    """Put each row's per-layer gradient norms in place of its GradNorms, all rows read in one transfer."""
+    measured = [(row, row.pop(GradNorms.KEY)) for row in rows if GradNorms.KEY in row]
+    if not measured:
+        return
+    device = measured[0][1].norms[0].device
+    values = torch.stack([n.to(device) for _, norms in measured for n in norms.norms]).float().tolist()
+    start = 0
+    for row, norms in measured:
+        row.update(norms.per_layer(values[start:start + len(norms.layers)]))
+        start += len(norms.layers)
+
+
 def _encoded(row: dict) -> dict:
-    norms = row.pop(GradNorms.KEY, None)
-    if norms is not None:
-        row.update(norms.per_layer())
     return {key: _jsonable(value) for key, value in row.items()}
 
 
@@ -170,17 +188,20 @@ def _layer(name: str) -> str:
 
 class GradNorms:
     """The L2 norm of every parameter's gradient in one fused call (`torch._foreach_norm`, as
-    `clip_grad_norm_` does), kept as one tensor on the gradients' device until the row is written;
-    only then are the norms read and combined per layer (module owning parameters), as 'grad/<layer>'."""
+    `clip_grad_norm_` does), kept as tensors on the gradients' device until the row is written; only
+    then (on the flusher thread) are they read, in one transfer, and combined per layer (module owning
+    parameters), as 'grad/<layer>'."""
 
     KEY = "_grad_norms"  # where a buffered row keeps them until it is written
 
-    def __init__(self, layers: tuple[str, ...], norms: torch.Tensor):
+    def __init__(self, layers: tuple[str, ...], norms: list[torch.Tensor]):
         self.layers, self.norms = layers, norms
 
-    def per_layer(self) -> dict[str, float]:
+    def per_layer(self, values: list[float] | None = None) -> dict[str, float]:
+        """Combined per layer; `values` are the norms already read (else they are read now)."""
         squares: dict[str, float] = {}
-        for layer, norm in zip(self.layers, self.norms.float().tolist()):
+        values = torch.stack(self.norms).float().tolist() if values is None else values
+        for layer, norm in zip(self.layers, values):
             squares[layer] = squares.get(layer, 0.0) + norm * norm
         return {layer: math.sqrt(square) for layer, square in squares.items()}
 
@@ -202,8 +223,9 @@ class GradNormMeter:
             layers, grads = zip(*kept)
         else:
             layers = self._layers
-        with torch.no_grad():  # gradients made with create_graph=True must not grow a graph here
-            return GradNorms(layers, torch.stack(torch._foreach_norm(grads)))
+        if any(g.requires_grad for g in grads):  # made with create_graph=True: no graph may grow here
+            grads = [g.detach() for g in grads]
+        return GradNorms(layers, torch._foreach_norm(grads))
 
 
 def grad_norms(model: nn.Module) -> dict[str, float]:

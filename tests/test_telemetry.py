@@ -9,6 +9,8 @@ import time
 import pytest
 import torch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distlab as dl
 from distlab.telemetry import FLUSH_EVERY, GradNormMeter, Telemetry, grad_norms
@@ -52,10 +54,42 @@ def test_ddp_hook_counts_every_gradient_byte_and_drift_is_counted_apart():
     assert sorted(with_drift["drift_step"]) == [0, 0, 5, 5, 10, 10, 15, 15]
     assert (with_drift["overhead_bytes"] == 4 * MLP_PARAMS).all()
     assert (metrics[metrics["drift"].isna()]["overhead_bytes"] == 0).all()
-    assert set(comm["tag"]) == {"ddp", "telemetry"} and (comm["seconds"] > 0).all()
+    assert set(comm["tag"]) == {"ddp", "telemetry"} and (comm[comm["tag"] == "telemetry"]["seconds"] > 0).all()
     assert comm[comm["tag"] == "ddp"].groupby("rank")["bytes"].sum().tolist() == [20 * 4 * MLP_PARAMS] * 2
     layers = {c for c in metrics.columns if c.startswith("grad/")}
     assert layers == {"grad/0", "grad/2"} and (metrics[sorted(layers)] > 0).all().all()
+
+
+def count_ddp_syncs(ctx):
+    """Two synchronized steps, one accumulation step under no_sync, one evaluation without grad."""
+    model = DDP(dl.models.mlp(64, 32, 10))
+    ctx.watch(model, drift_every=0)
+    x = torch.randn(8, 64)
+    for _ in range(2):
+        model(x).sum().backward()
+    with model.no_sync():
+        model(x).sum().backward()
+    with torch.no_grad():
+        model(x)
+    ctx.log(step=0)
+    return model._comm_hooks  # DDP's own C++ all-reduce: no Python hook runs per bucket
+
+
+def test_ddp_bytes_count_only_the_backwards_that_synchronize():
+    run = dl.launch(count_ddp_syncs, world_size=2)
+    assert run.results == [[], []]
+    assert (run.metrics["comm_bytes"] == 2 * 4 * MLP_PARAMS).all()
+
+
+def watch_a_hooked_model(ctx):
+    model = DDP(nn.Linear(2, 2))
+    model.register_comm_hook(None, default_hooks.allreduce_hook)
+    ctx.watch(model)
+
+
+def test_a_model_with_its_own_comm_hook_is_refused_by_name():
+    with pytest.raises(dl.RankFailure, match=r"already has a comm hook \(allreduce_hook\)"):
+        dl.launch(watch_a_hooked_model, world_size=2)
 
 
 def test_replicas_stay_together_with_ddp_and_drift_apart_without_it():
@@ -106,6 +140,15 @@ def test_fused_norms_equal_per_parameter_norms_combined_per_layer():
     assert set(per_layer) == set(expected)
     assert all(math.isclose(per_layer[k], expected[k], rel_tol=1e-6) for k in expected)
     assert grad_norms(model).keys() == expected.keys()
+
+
+def test_norms_of_gradients_made_with_create_graph_grow_no_graph():
+    model = nn.Linear(3, 1)
+    (model(torch.ones(2, 3)) ** 2).sum().backward(create_graph=True)  # as a gradient penalty does
+    assert model.weight.grad.requires_grad
+    norms = GradNormMeter(model).measure()
+    assert not any(n.requires_grad for n in norms.norms)
+    assert math.isclose(norms.per_layer()["grad/weight"], model.weight.grad.norm().item(), rel_tol=1e-6)
 
 
 def lines(run_dir, kind="metrics"):
