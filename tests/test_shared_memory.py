@@ -7,10 +7,11 @@ import torch
 import torch.distributed as dist
 
 import distlab as dl
+from distlab.communication import shared_memory
 from distlab.communication.shared_memory import SharedMemoryAllReduce
 from distlab.models import largest_difference
 
-SIZES = (1, 7, 1000, 100_003)  # 100_003 float64 = 800 KB: three segments of the 256 KB capacity below
+SIZES = (1, 7, 1000, 100_003)  # 100_003 float64 = 800 KB: four pieces of the 256 KB below
 DTYPES = (torch.float32, torch.float64, torch.int64)
 OPS = (dist.ReduceOp.SUM, dist.ReduceOp.MAX)
 
@@ -18,7 +19,7 @@ OPS = (dist.ReduceOp.SUM, dist.ReduceOp.MAX)
 def compare_with_gloo(ctx):
     old_umask = os.umask(0)  # a careless umask must not open the mapping to others
     try:
-        shm = SharedMemoryAllReduce(capacity=256 << 10)
+        shm = SharedMemoryAllReduce(piece=256 << 10)
     finally:
         os.umask(old_umask)
     diffs, sums = {}, []
@@ -80,3 +81,25 @@ def test_the_mapping_is_owner_only_and_removed_once_every_rank_mapped_it(runs):
     assert result["modes"] == (0o700, 0o600)  # folder, file: as created, under umask 0
     assert not any(r["path_exists"] or r["folder_exists"] for r in run.results)
     assert os.path.dirname(os.path.dirname(result["path"])) in ("/dev/shm", "/tmp")
+
+
+def one_rank_never_joins(ctx):
+    from distlab.communication import shared_memory
+
+    shm = SharedMemoryAllReduce(piece=64 << 10)
+    shared_memory.WAIT_TIMEOUT = 0.5
+    message = ""
+    if ctx.rank == 0:
+        try:
+            shm.all_reduce(torch.ones(100))
+        except TimeoutError as error:
+            message = str(error)
+    dist.barrier()
+    shm.close()
+    return message
+
+
+@pytest.mark.skipif(not shared_memory.ORDERED_STORES, reason="elsewhere the wait is gloo's barrier")
+def test_a_rank_waiting_for_a_peer_that_never_comes_gives_up_and_says_for_whom():
+    message = dl.launch(one_rank_never_joins, world_size=2, timeout=60).results[0]
+    assert "rank 0 waited 0.5 s for rank 1's shared-memory flag to reach 1; it is at 0" in message

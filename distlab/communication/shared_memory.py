@@ -5,16 +5,22 @@ the kernel, out again. Ranks on one machine can instead map the same memory, and
 memcpy. NCCL does this between GPUs of one box (and NVLink beyond), MPI between local processes
 (MPICH's and Open MPI's shared-memory transports); here it is written out:
 
-    slot 0 | slot 1 | ... | slot N-1        one region of `capacity` bytes per rank, in one mapping
+    flags | rank 0: buffer 0, buffer 1 | rank 1: buffer 0, buffer 1 | ...     one mapping, `piece` bytes a buffer
 
-1. publish:        rank r copies every chunk c != r of its tensor into slot r      (N-1)/N·S bytes
-2. reduce-scatter: rank r sums chunk r of its own tensor and of every other slot,
-                   into chunk r of its own slot                                  (N-1) reads of S/N
-3. all-gather:     rank r copies chunk c of slot c into its tensor, for every c             S bytes
+The tensor goes through in pieces of `piece` bytes, small enough to stay in the processors' caches
+between the phases (a whole 64 MB tensor would go to memory and back three times). For each piece,
+in buffer (piece number mod 2) of each rank:
 
-with the process group's barrier between the phases (and before the next call reuses the slots).
-Each chunk is summed once, by one rank, so every rank ends with the same bits. A tensor larger than
-`capacity` goes through in segments.
+1. publish:        rank r copies every chunk c != r of the piece into its buffer   (N-1)/N·P bytes
+2. reduce-scatter: rank r sums chunk r of its own piece and of every other buffer,
+                   into chunk r of its own buffer                                 (N-1) reads of P/N
+3. all-gather:     rank r copies chunk c of buffer c into its piece, for every c            P bytes
+
+Between the phases each rank waits for the others' flags: a counter per rank in the mapping, raised
+after each phase. Stores become visible to other cores in program order on x86, so a rank that sees
+a peer's flag raised also sees the data written before it; elsewhere the wait is the process group's
+barrier instead. Two buffers a rank mean a rank may publish the next piece while a slower peer still
+gathers this one. Each chunk is summed once, by one rank, so every rank ends with the same bits.
 
 The mapping is owner-only (DESIGN.md, "On a shared server"): rank 0 creates a 0600 file in a fresh 0700
 folder under /dev/shm, every local rank maps it, and rank 0 removes file and folder as soon as all have
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import platform
 import socket
 import stat
 import tempfile
@@ -40,8 +47,10 @@ OUT_OF_PLACE = {  # reduce(a, b, out=c): the sum goes straight into the slot, no
     dist.ReduceOp.MAX: torch.maximum,
     dist.ReduceOp.MIN: torch.minimum,
 }
-ALIGN = 64  # bytes: a cache line, and enough for any dtype's view
-DEFAULT_CAPACITY = 64 << 20  # bytes per rank
+ALIGN = 64  # bytes: a cache line (one flag each, so that no two ranks' flags share one), enough for any view
+DEFAULT_PIECE = 1 << 20  # bytes: the piece and its chunks stay in cache from one phase to the next
+ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # total store order
+WAIT_TIMEOUT = 300.0  # seconds a rank waits for a peer's flag before it gives up
 
 
 def shm_folder() -> str:
@@ -72,17 +81,18 @@ def _map(path: str, size: int) -> mmap.mmap:
 
 
 class SharedMemoryAllReduce:
-    """A shared mapping of one slot per rank, and the all-reduce through it. A collective to create:
-    every rank of the default group constructs it at the same point, all on one machine."""
+    """A shared mapping of flags and two buffers per rank, and the all-reduce through it. A collective to
+    create: every rank of the default group constructs it at the same point, all on one machine."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY):
+    def __init__(self, piece: int = DEFAULT_PIECE):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         hosts = [None] * self.world_size
         dist.all_gather_object(hosts, socket.gethostname())
         if len(set(hosts)) != 1:
             raise ValueError(f"shared memory needs every rank on one machine; the ranks run on {sorted(set(hosts))}")
-        self.capacity = -(-capacity // ALIGN) * ALIGN
-        size = self.capacity * self.world_size
+        self.piece = -(-piece // (ALIGN * self.world_size)) * ALIGN * self.world_size  # chunks stay aligned
+        flags = ALIGN * self.world_size
+        size = flags + 2 * self.piece * self.world_size
         created = [_create_owner_only(size) if self.rank == 0 else None]
         dist.broadcast_object_list(created)
         (path, self.modes) = created[0]
@@ -93,47 +103,66 @@ class SharedMemoryAllReduce:
             os.rmdir(os.path.dirname(path))
         self.path = path  # where it was; it no longer exists
         self._memory = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        self._flags = [self._memory[r * ALIGN:(r + 1) * ALIGN].view(torch.int64)[:1] for r in range(self.world_size)]
+        self._buffers = self._memory[flags:]
+        self._pieces = 0  # pieces all-reduced so far, by every rank alike: the flags count from it
 
-    def _slot(self, rank: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        start = rank * self.capacity
-        return self._memory[start:start + numel * dtype.itemsize].view(dtype)
+    def _buffer(self, rank: int, which: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        start = (2 * rank + which) * self.piece
+        return self._buffers[start:start + numel * dtype.itemsize].view(dtype)
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        """dist.all_reduce's contract (in place, returns the tensor), through the shared slots."""
+        """dist.all_reduce's contract (in place, returns the tensor), through the shared buffers."""
         if op not in OUT_OF_PLACE:
             raise ValueError(f"op must be one of dist.ReduceOp.SUM, PRODUCT, MAX, MIN, got {op!r}")
         if self.world_size == 1:
             return tensor
         host = tensor if tensor.device.type == "cpu" else tensor.cpu()  # the mapping is host memory
         flat = host.view(-1) if host.is_contiguous() else host.reshape(-1).clone()
-        per_segment = self.capacity // flat.element_size()
-        for start in range(0, flat.numel(), per_segment):
-            self._all_reduce_segment(flat[start:start + per_segment], OUT_OF_PLACE[op])
+        per_piece = self.piece // flat.element_size()
+        for start in range(0, flat.numel(), per_piece):
+            self._all_reduce_piece(flat[start:start + per_piece], OUT_OF_PLACE[op])
         if flat.data_ptr() != tensor.data_ptr():
             tensor.copy_(flat.view_as(tensor))
         return tensor
 
-    def _all_reduce_segment(self, flat: torch.Tensor, reduce) -> None:
-        n, me = self.world_size, self.rank
-        slots = [self._slot(r, flat.dtype, flat.numel()).tensor_split(n) for r in range(n)]
+    def _all_reduce_piece(self, flat: torch.Tensor, reduce) -> None:
+        n, me, k = self.world_size, self.rank, self._pieces
+        slots = [self._buffer(r, k % 2, flat.dtype, flat.numel()).tensor_split(n) for r in range(n)]
         mine = flat.tensor_split(n)
-        dist.barrier()  # nobody still reads the slots from the previous call
         for c in range(n):
             if c != me:
                 slots[me][c].copy_(mine[c])
-        dist.barrier()  # every slot published
+        self._raise_and_wait(2 * k + 1)  # every buffer published
         others = [r for r in range(n) if r != me]
-        if others:
-            reduce(mine[me], slots[others[0]][me], out=slots[me][me])
+        reduce(mine[me], slots[others[0]][me], out=slots[me][me])
         for r in others[1:]:
             reduce(slots[me][me], slots[r][me], out=slots[me][me])
-        dist.barrier()  # every chunk reduced
+        self._raise_and_wait(2 * k + 2)  # every chunk reduced
         for c in range(n):
             mine[c].copy_(slots[c][c])
+        self._pieces += 1
+
+    def _raise_and_wait(self, count: int) -> None:
+        """Raise this rank's flag to `count` and wait until every other rank's has reached it."""
+        if not ORDERED_STORES:
+            dist.barrier()
+            return
+        self._flags[self.rank].fill_(count)
+        deadline = time.monotonic() + WAIT_TIMEOUT
+        for rank, flag in enumerate(self._flags):
+            polls = 0
+            while flag.item() < count:
+                polls += 1
+                if polls % 64 == 0:
+                    os.sched_yield()  # more ranks than cores: let the one we wait for run
+                if polls % 4096 == 0 and time.monotonic() > deadline:
+                    raise TimeoutError(f"rank {self.rank} waited {WAIT_TIMEOUT:g} s for rank {rank}'s "
+                                       f"shared-memory flag to reach {count}; it is at {flag.item()}")
 
     def close(self) -> None:
         """Unmap (every tensor viewing the mapping must be gone first)."""
-        del self._memory
+        del self._memory, self._flags, self._buffers
         self._mapping.close()
 
 
@@ -152,7 +181,7 @@ def time_transports(ctx, sizes: list[int], transports: tuple[str, ...] = TRANSPO
     unknown = set(transports) - set(TRANSPORTS)
     if unknown:
         raise ValueError(f"transports must be among {TRANSPORTS}, got {sorted(unknown)}")
-    shm = SharedMemoryAllReduce(capacity=max(sizes)) if "shared_memory" in transports else None
+    shm = SharedMemoryAllReduce() if "shared_memory" in transports else None
     threads = torch.get_num_threads()
     rows = []
     for size in sizes:
