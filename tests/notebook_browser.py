@@ -47,6 +47,7 @@ class NotebookReport:
     screenshot: Path | None = None
     cpu_seconds: float = 0.0  # kernel + ranks (+ server), sampled from /proc while Run All runs
     peak_rss_mb: float = 0.0  # their resident memory together, at its highest sample
+    slowest_cells: list[tuple[int, float]] = field(default_factory=list)  # (cell, seconds), headless only
 
     def failures(self, min_widgets: int = 0, min_plots: int = 0) -> list[str]:
         """All reasons this run fails; counts are only checked in the browser, where they are real."""
@@ -64,6 +65,8 @@ class NotebookReport:
         lines += [f"  - {f}" for f in self.failures(min_widgets, min_plots)]
         for e in self.errors:
             lines += [f"  traceback of cell {e['cell']} ({e['ename']}):"] + [f"    {t}" for t in e["traceback"]]
+        if self.slowest_cells:
+            lines.append("  slowest cells: " + ", ".join(f"{cell} ({seconds:.0f} s)" for cell, seconds in self.slowest_cells))
         if self.screenshot:
             lines.append(f"  screenshot: {self.screenshot}")
         return "\n".join(lines)
@@ -194,6 +197,47 @@ def save_record(report: NotebookReport, executed: Path, folder: Path) -> None:
     (folder / f"{executed.stem}.json").write_text(json.dumps(fields | {"failures": report.failures()}, indent=1))
 
 
+POLL_SLICE = 1.0  # seconds: how long one wait for a kernel message may sleep before it looks again
+
+
+def _poll_in_slices(channel) -> None:
+    """Make a kernel channel's get_msg(timeout) wait in slices of POLL_SLICE seconds. pyzmq's asyncio poll
+    can miss the wake-up for a message that has arrived: nbclient then waited out the cell's whole
+    timeout (600 s, on notebook 07 at other world sizes) before finding the reply already there."""
+    from queue import Empty
+
+    get_msg = channel.get_msg
+
+    async def sliced(timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = POLL_SLICE if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return await get_msg(timeout=min(POLL_SLICE, left))
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    channel.get_msg = sliced
+
+
+class CellClock:
+    """Seconds each cell took as the client saw it, from sending it to its last output (nbclient hooks)."""
+
+    def __init__(self):
+        self.started: dict[int, float] = {}
+        self.took: dict[int, float] = {}
+
+    def start(self, cell_index: int, **_) -> None:
+        self.started[cell_index] = time.monotonic()
+
+    def done(self, cell_index: int, **_) -> None:
+        self.took[cell_index] = time.monotonic() - self.started.pop(cell_index, time.monotonic())
+
+    def slowest(self, count: int = 3) -> list[tuple[int, float]]:
+        return sorted(self.took.items(), key=lambda t: -t[1])[:count]
+
+
 def run_headless(path: Path, timeout: float = 600, vary_world_size: Path | None = None) -> NotebookReport:
     """Execute a notebook with nbclient (no browser): catches errors, cannot see rendering.
     vary_world_size: a file; every launch then asks for another world size and is logged there."""
@@ -212,7 +256,14 @@ def run_headless(path: Path, timeout: float = 600, vary_world_size: Path | None 
         env = dict(os.environ, DISTLAB_RUNS=str(tmp / "runs"), DISTLAB_PROGRESS=str(tmp / "progress.jsonl"),
                    IPYTHONDIR=str(tmp / "ipython"), DISTLAB_AUDIT="1", DISTLAB_VARIED=str(vary_world_size or ""),
                    **{MARKER: tag})
-        client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=True,
+        clock = CellClock()
+
+        def on_start(**_):
+            _poll_in_slices(client.kc.shell_channel)
+            _poll_in_slices(client.kc.iopub_channel)
+
+        client = NotebookClient(nb, km=km, timeout=timeout, allow_errors=True, on_notebook_start=on_start,
+                                on_cell_start=clock.start, on_cell_executed=clock.done,
                                 resources={"metadata": {"path": str(copy.parent)}})
         try:
             client.execute(env=env)
@@ -221,6 +272,7 @@ def run_headless(path: Path, timeout: float = 600, vary_world_size: Path | None 
         finally:
             _reap(tag)
         report.errors = _errors(nb)
+        report.slowest_cells = clock.slowest()
         for cell in nb.cells:
             for out in cell.get("outputs", []):
                 report.widget_views += WIDGET_MIME in out.get("data", {})

@@ -60,4 +60,4 @@ def test_notebook_runs_with_other_world_sizes(notebook: Path, tmp_path: Path) ->
     for e in launches:
         assert e["refused"] is None or "runs on:" in e["refused"], e
     print(f"{notebook.stem}: {len(varied)} of {len(launches)} launches at another size; refused: "
-          f"{[e['refused'] for e in launches if e['refused']]}")
+          f"{[e['refused'] for e in launches if e['refused']]}; slowest cells {report.slowest_cells}")
