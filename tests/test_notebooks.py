@@ -43,3 +43,31 @@ def test_notebook_runs_clean(notebook: Path) -> None:
         report = run_headless(notebook, TIMEOUT)
     if report.failures(**expect):
         pytest.fail(report.describe(**expect), pytrace=False)
+
+
+@pytest.mark.timeout(30)
+def test_a_message_whose_wake_up_was_missed_is_found_within_a_slice_not_at_the_timeout():
+    """The harness's guard against pyzmq's missed wake-ups (notebook_browser._poll_in_slices)."""
+    import asyncio
+    import time
+    from queue import Empty
+
+    from notebook_browser import POLL_SLICE, _poll_in_slices
+
+    class MissesWakeUps:
+        """A channel whose message arrives at once, but whose poll only notices it when its timeout ends."""
+
+        async def get_msg(self, timeout=None):
+            await asyncio.sleep(timeout)
+            if time.monotonic() - began > 0.05:
+                return {"msg": "reply"}
+            raise Empty
+
+    channel = MissesWakeUps()
+    _poll_in_slices(channel)
+    began = time.monotonic()
+    assert asyncio.run(channel.get_msg(timeout=600)) == {"msg": "reply"}
+    assert time.monotonic() - began < 2 * POLL_SLICE
+    with pytest.raises(Empty):  # a message that never comes still times out
+        began = time.monotonic() + 3600
+        asyncio.run(channel.get_msg(timeout=0.3))
