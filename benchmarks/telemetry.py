@@ -76,6 +76,14 @@ def step_times(ctx, sizes: tuple[int, ...], batch: int, steps: int, watch: dict)
     return {name: t[WARMUP:] for name, t in times.items()}
 
 
+def overhead(results: list[dict], name: str, kind: str = "") -> float:
+    """Percent: the median over rounds of this replica's step minus the plain one's in the same round (they
+    ran back to back, so slow changes of the machine's load cancel), over the plain median."""
+    plain = statistics.median(t for rank in results for t in rank[f"plain{kind}"])
+    diffs = [a - b for rank in results for a, b in zip(rank[f"{name}{kind}"], rank[f"plain{kind}"])]
+    return statistics.median(diffs) / plain * 100
+
+
 def measure(world_size: int, steps: int, watch: dict, scratch: str) -> list[list]:
     rows = []
     for label, (sizes, batch) in CONFIGS.items():
@@ -83,20 +91,13 @@ def measure(world_size: int, steps: int, watch: dict, scratch: str) -> list[list
         with contextlib.redirect_stdout(io.StringIO()):
             run = dl.launch(step_times, world_size, sizes=sizes, batch=batch, steps=steps, watch=watch,
                             runs_root=scratch, timeout=900)
-        plain = {kind: statistics.median(t for rank in run.results for t in rank[f"plain{kind}"]) for kind in ("", " cpu")}
-
-        def over_plain(name: str, kind: str = "") -> float:
-            """The median over rounds of this replica's step minus the plain one's in the same round (they
-            ran back to back, so slow changes of the machine's load cancel), over the plain median."""
-            diffs = [a - b for rank in run.results for a, b in zip(rank[f"{name}{kind}"], rank[f"plain{kind}"])]
-            return statistics.median(diffs) / plain[kind] * 100
-
-        watched = plain[""] * (1 + over_plain("watched") / 100)
-        verdict = "met" if over_plain("watched") <= TARGETS[label] else "NOT met"
-        rows.append([world_size, label, f"{plain[''] * 1000:.3f}", f"{watched * 1000:.3f}",
-                     f"{over_plain('watched'):+.1f}%", f"{over_plain('plain again'):+.1f}%",
-                     f"{over_plain('watched', ' cpu'):+.1f}%", f"{over_plain('plain again', ' cpu'):+.1f}%",
-                     f"<= {TARGETS[label]:.0f}%: {verdict}"])
+        plain = statistics.median(t for rank in run.results for t in rank["plain"]) * 1000
+        watched = overhead(run.results, "watched")
+        verdict = "met" if watched <= TARGETS[label] else "NOT met"
+        others = [overhead(run.results, "plain again"), overhead(run.results, "watched", " cpu"),
+                  overhead(run.results, "plain again", " cpu")]
+        rows.append([world_size, label, f"{plain:.3f}", f"{plain * (1 + watched / 100):.3f}", f"{watched:+.1f}%",
+                     *(f"{o:+.1f}%" for o in others), f"<= {TARGETS[label]:.0f}%: {verdict}"])
     return rows
 
 
@@ -117,7 +118,8 @@ def main() -> None:
             dl.shutdown()
     print(machine_description())
     print(format_table(
-        f"Telemetry overhead: median step ms and the median paired difference, steps {WARMUP}..{steps} of each replica, all ranks; "
+        f"Telemetry overhead: median step ms and the median paired difference, steps {WARMUP}..{steps} of each "
+        "replica, all ranks; "
         f"ctx.watch(model{''.join(f', {k}={v}' for k, v in watch.items())}). 'plain again' is the same "
         "plain training measured again: the noise floor",
         ["ranks", "step", "plain", "watched", "overhead", "plain again", "CPU overhead", "CPU plain again",

@@ -66,7 +66,8 @@ class NotebookReport:
         for e in self.errors:
             lines += [f"  traceback of cell {e['cell']} ({e['ename']}):"] + [f"    {t}" for t in e["traceback"]]
         if self.slowest_cells:
-            lines.append("  slowest cells: " + ", ".join(f"{cell} ({seconds:.0f} s)" for cell, seconds in self.slowest_cells))
+            took = ", ".join(f"{cell} ({seconds:.0f} s)" for cell, seconds in self.slowest_cells)
+            lines.append(f"  slowest cells: {took}")
         if self.screenshot:
             lines.append(f"  screenshot: {self.screenshot}")
         return "\n".join(lines)
