@@ -8,7 +8,8 @@ memcpy. NCCL does this between GPUs of one box (and NVLink beyond), MPI between 
     flags | rank 0: buffer 0, buffer 1 | rank 1: buffer 0, buffer 1 | ...     one mapping, `piece` bytes a buffer
 
 The tensor goes through in pieces of `piece` bytes, small enough to stay in the processors' caches
-between the phases (a whole 64 MB tensor would go to memory and back three times). For each piece,
+between the phases (a whole 64 MB tensor would go to memory and back three times): 1 MB, or 4 MB
+when the ranks outnumber the cores, where every wait may cost a context switch and fewer waits win. For each piece,
 in buffer (piece number mod 2) of each rank:
 
 1. publish:        rank r copies every chunk c != r of the piece into its buffer   (N-1)/N·P bytes
@@ -23,8 +24,9 @@ barrier instead. Two buffers a rank mean a rank may publish the next piece while
 gathers this one. Each chunk is summed once, by one rank, so every rank ends with the same bits.
 
 The mapping is owner-only (DESIGN.md, "On a shared server"): rank 0 creates a 0600 file in a fresh 0700
-folder under /dev/shm, every local rank maps it, and rank 0 removes file and folder as soon as all have
-mapped it: nothing is left for another user to open, and nothing stays behind after a crash.
+folder under /dev/shm (the temp folder if /dev/shm has no room), every local rank maps it, and rank 0
+removes file and folder as soon as all have mapped it: nothing is left for another user to open, and
+nothing stays behind after a crash.
 """
 
 from __future__ import annotations
@@ -48,20 +50,27 @@ OUT_OF_PLACE = {  # reduce(a, b, out=c): the sum goes straight into the slot, no
     dist.ReduceOp.MIN: torch.minimum,
 }
 ALIGN = 64  # bytes: a cache line (one flag each, so that no two ranks' flags share one), enough for any view
-DEFAULT_PIECE = 1 << 20  # bytes: the piece and its chunks stay in cache from one phase to the next
+PIECE = 1 << 20  # bytes: the piece and its chunks stay in each core's cache (L2) between phases
+SHARED_CORES_PIECE = 4 << 20  # with more ranks than cores a phase's end costs a context switch: fewer, larger
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # total store order
 WAIT_TIMEOUT = 300.0  # seconds a rank waits for a peer's flag before it gives up
+SPINS, NAP = 256, 20e-6  # polls of a peer's flag before each further poll sleeps NAP seconds
 
 
-def shm_folder() -> str:
-    """Where the mapping's file lives for the instant before it is removed: memory-backed /dev/shm if any."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+def shm_folder(size: int) -> str:
+    """Where the mapping's file lives for the instant before it is removed: memory-backed /dev/shm if it
+    has room (a container's is often 64 MB, and touching a mapping beyond it kills with SIGBUS)."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        free = os.statvfs("/dev/shm")
+        if free.f_bavail * free.f_frsize >= size:
+            return "/dev/shm"
+    return tempfile.gettempdir()
 
 
 def _create_owner_only(size: int) -> tuple[str, tuple[int, int]]:
     """A new file of `size` bytes, mode 0600, in a new folder of mode 0700, whatever the umask; returns its
     path and the (folder, file) modes as created."""
-    folder = tempfile.mkdtemp(prefix="distlab-shm-", dir=shm_folder())  # 0700, a name nobody can guess
+    folder = tempfile.mkdtemp(prefix="distlab-shm-", dir=shm_folder(size))  # 0700, a name nobody can guess
     path = os.path.join(folder, "buffer")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -84,8 +93,10 @@ class SharedMemoryAllReduce:
     """A shared mapping of flags and two buffers per rank, and the all-reduce through it. A collective to
     create: every rank of the default group constructs it at the same point, all on one machine."""
 
-    def __init__(self, piece: int = DEFAULT_PIECE):
+    def __init__(self, piece: int | None = None):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if piece is None:
+            piece = PIECE if self.world_size <= len(os.sched_getaffinity(0)) else SHARED_CORES_PIECE
         hosts = [None] * self.world_size
         dist.all_gather_object(hosts, socket.gethostname())
         if len(set(hosts)) != 1:
@@ -154,9 +165,9 @@ class SharedMemoryAllReduce:
             polls = 0
             while flag.item() < count:
                 polls += 1
-                if polls % 64 == 0:
-                    os.sched_yield()  # more ranks than cores: let the one we wait for run
-                if polls % 4096 == 0 and time.monotonic() > deadline:
+                if polls > SPINS:
+                    time.sleep(NAP)  # the peer has no core of its own (more ranks than cores): give it ours
+                if polls % 1024 == 0 and time.monotonic() > deadline:
                     raise TimeoutError(f"rank {self.rank} waited {WAIT_TIMEOUT:g} s for rank {rank}'s "
                                        f"shared-memory flag to reach {count}; it is at {flag.item()}")
 
