@@ -54,7 +54,7 @@ PIECE = 1 << 20  # bytes: the piece and its chunks stay in each core's cache (L2
 SHARED_CORES_PIECE = 4 << 20  # with more ranks than cores a phase's end costs a context switch: fewer, larger
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # total store order
 WAIT_TIMEOUT = 300.0  # seconds a rank waits for a peer's flag before it gives up
-SPINS, NAP = 256, 20e-6  # polls of a peer's flag before each further poll sleeps NAP seconds
+SPINS, NAP = 256, 20e-6  # ranks sharing cores: polls of a peer's flag before each further one sleeps NAP s
 
 
 def shm_folder(size: int) -> str:
@@ -95,8 +95,9 @@ class SharedMemoryAllReduce:
 
     def __init__(self, piece: int | None = None):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._shared_cores = self.world_size > len(os.sched_getaffinity(0))
         if piece is None:
-            piece = PIECE if self.world_size <= len(os.sched_getaffinity(0)) else SHARED_CORES_PIECE
+            piece = SHARED_CORES_PIECE if self._shared_cores else PIECE
         hosts = [None] * self.world_size
         dist.all_gather_object(hosts, socket.gethostname())
         if len(set(hosts)) != 1:
@@ -117,10 +118,16 @@ class SharedMemoryAllReduce:
         self._flags = [self._memory[r * ALIGN:(r + 1) * ALIGN].view(torch.int64)[:1] for r in range(self.world_size)]
         self._buffers = self._memory[flags:]
         self._pieces = 0  # pieces all-reduced so far, by every rank alike: the flags count from it
+        self._views: dict[tuple, list[tuple[torch.Tensor, ...]]] = {}
 
-    def _buffer(self, rank: int, which: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        start = (2 * rank + which) * self.piece
-        return self._buffers[start:start + numel * dtype.itemsize].view(dtype)
+    def _slots(self, which: int, dtype: torch.dtype, numel: int) -> list[tuple[torch.Tensor, ...]]:
+        """Every rank's buffer `which`, as `numel` elements split in N chunks (views made once, then reused)."""
+        key = (which, dtype, numel)
+        if key not in self._views:
+            starts = [(2 * rank + which) * self.piece for rank in range(self.world_size)]
+            self._views[key] = [self._buffers[start:start + numel * dtype.itemsize].view(dtype)
+                                .tensor_split(self.world_size) for start in starts]
+        return self._views[key]
 
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """dist.all_reduce's contract (in place, returns the tensor), through the shared buffers."""
@@ -139,7 +146,7 @@ class SharedMemoryAllReduce:
 
     def _all_reduce_piece(self, flat: torch.Tensor, reduce) -> None:
         n, me, k = self.world_size, self.rank, self._pieces
-        slots = [self._buffer(r, k % 2, flat.dtype, flat.numel()).tensor_split(n) for r in range(n)]
+        slots = self._slots(k % 2, flat.dtype, flat.numel())
         mine = flat.tensor_split(n)
         for c in range(n):
             if c != me:
@@ -165,15 +172,17 @@ class SharedMemoryAllReduce:
             polls = 0
             while flag.item() < count:
                 polls += 1
-                if polls > SPINS:
-                    time.sleep(NAP)  # the peer has no core of its own (more ranks than cores): give it ours
+                if self._shared_cores and polls > SPINS:
+                    time.sleep(NAP)  # the peer may be waiting for a core: give it ours
+                elif polls % 64 == 0:
+                    os.sched_yield()  # whatever else wants this core (the VM's, the kernel's) may run
                 if polls % 1024 == 0 and time.monotonic() > deadline:
                     raise TimeoutError(f"rank {self.rank} waited {WAIT_TIMEOUT:g} s for rank {rank}'s "
                                        f"shared-memory flag to reach {count}; it is at {flag.item()}")
 
     def close(self) -> None:
         """Unmap (every tensor viewing the mapping must be gone first)."""
-        del self._memory, self._flags, self._buffers
+        del self._memory, self._flags, self._buffers, self._views
         self._mapping.close()
 
 
