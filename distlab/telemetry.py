@@ -47,8 +47,7 @@ class DDPTraffic:
     (notebook 13's overlap timeline measures how much of them the step still waits for)."""
 
     def __init__(self):
-        self.bytes = self.syncs = 0
-        self._per_sync = 0
+        self.bytes = self._per_sync = 0
 
     def count(self, model: nn.parallel.DistributedDataParallel) -> None:
         hook = model._get_ddp_logging_data().get("comm_hook")
@@ -64,12 +63,10 @@ class DDPTraffic:
     def _forward(self, model, inputs) -> None:
         if torch.is_grad_enabled() and model.require_backward_grad_sync:
             self.bytes += self._per_sync
-            self.syncs += 1
 
-    def take(self) -> tuple[int, int]:
-        """(bytes, synchronized backwards) since the last take, and start counting afresh."""
-        taken = (self.bytes, self.syncs)
-        self.bytes = self.syncs = 0
+    def take(self) -> int:
+        """Bytes since the last take, and start counting afresh."""
+        taken, self.bytes = self.bytes, 0
         return taken
 
 
@@ -105,8 +102,8 @@ class Telemetry:
     def _comm_rows(self) -> tuple[list[dict], dict]:
         """The comm records since the last row (DDP's counted traffic as one record) and their totals,
         training traffic and overhead apart."""
-        payload, syncs = self.ddp.take()
-        if syncs:
+        payload = self.ddp.take()
+        if payload:
             self._queued.append((time.time(), "all_reduce", "ddp", payload, 0.0))
         totals = {"comm_bytes": 0, "comm_seconds": 0.0, "overhead_bytes": 0, "overhead_seconds": 0.0}
         rows = []
