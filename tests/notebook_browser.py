@@ -1,8 +1,9 @@
 """Run a notebook the way a student does (JupyterLab + headless Chromium), or headless via nbclient.
 
 `run_in_browser` and `run_headless` return a NotebookReport; the caller decides what passes.
-Every run works on a throw-away copy (outputs cleared) with its own Jupyter dirs and run folder,
-and kills every process it started (server, kernel, training ranks, browser) before returning.
+Every run works on a throw-away copy (outputs cleared) with its own kernel and run folder, and kills
+every process it started (kernel, training ranks) before returning; a `Lab` (one JupyterLab server and
+one Chromium) serves many browser runs, and stops both when it closes.
 """
 from __future__ import annotations
 
@@ -104,9 +105,9 @@ _sys.modules["distlab.launch"].launch = _distlab.launch = _varied_launch
 """
 
 
-def _working_copy(path: Path, tmp: Path, prelude: str | None = None) -> Path:
-    """Copy the notebook's folder into tmp (so relative paths behave) and clear the copy's outputs;
-    `prelude` becomes a first code cell."""
+def _working_copy(path: Path, tmp: Path, prelude: str | None = None, kernel: str = "python3") -> Path:
+    """Copy the notebook's folder into tmp/work (so relative paths behave) and clear the copy's outputs;
+    `prelude` becomes a first code cell; the copy runs on the kernelspec named `kernel`."""
     folder = shutil.copytree(path.parent, tmp / "work" / path.parent.name,
                              ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "runs"))
     nb = nbformat.read(path, as_version=4)
@@ -115,17 +116,18 @@ def _working_copy(path: Path, tmp: Path, prelude: str | None = None) -> Path:
             cell.outputs, cell.execution_count = [], None
     if prelude:
         nb.cells.insert(0, nbformat.v4.new_code_cell(prelude))
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {"name": kernel, "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, copy := Path(folder) / path.name)
     return copy
 
 
-def _kernelspec(data_dir: Path) -> Path:
-    """A throw-away 'python3' kernelspec that runs this very interpreter (the project's venv)."""
-    kdir = data_dir / "kernels" / "python3"
+def _kernelspec(data_dir: Path, name: str = "python3", env: dict | None = None) -> Path:
+    """A throw-away kernelspec that runs this very interpreter (the project's venv), with `env` added to
+    the kernel's environment; returns the kernels folder."""
+    kdir = data_dir / "kernels" / name
     kdir.mkdir(parents=True)
     spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3", "language": "python"}
+            "display_name": "Python 3", "language": "python", "env": env or {}}
     (kdir / "kernel.json").write_text(json.dumps(spec))
     return kdir.parent
 
@@ -333,8 +335,7 @@ def _start_lab(tmp: Path, root: Path, token: str, tag: str) -> tuple[subprocess.
     env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp / "config"), JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
                JUPYTER_DATA_DIR=str(data), JUPYTER_PATH=str(data), JUPYTERLAB_SETTINGS_DIR=str(tmp / "settings"),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp / "workspaces"), IPYTHONDIR=str(tmp / "ipython"),
-               JUPYTER_PLATFORM_DIRS="1", DISTLAB_RUNS=str(tmp / "runs"),
-               DISTLAB_PROGRESS=str(tmp / "progress.jsonl"), DISTLAB_AUDIT="1", **{MARKER: tag})
+               JUPYTER_PLATFORM_DIRS="1", **{MARKER: tag})  # each kernel's own env: Lab.run
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -455,41 +456,91 @@ def _screenshot(page, path: Path) -> None:
     page.screenshot(path=str(path), full_page=True)
 
 
-def run_in_browser(path: Path, timeout: float = 600, screenshot: Path | None = None,
-                   keep: Path | None = None) -> NotebookReport:
-    """Open a copy of the notebook in JupyterLab in headless Chromium, Run All Cells, check the page.
-    keep: a folder to save the executed notebook and its timing in (save_record)."""
-    from playwright.sync_api import sync_playwright
+class Lab:
+    """One JupyterLab server and one headless Chromium, shared by the notebooks run through it.
 
-    start, tag, token = time.monotonic(), secrets.token_hex(8), secrets.token_hex(24)
-    report, usage = NotebookReport(str(path), "browser"), Usage(tag)
-    with tempfile.TemporaryDirectory(prefix="nbtest_", ignore_cleanup_errors=True) as t:
-        tmp = Path(t)
-        copy = _working_copy(path, tmp)
-        proc, base = _start_lab(tmp, tmp / "work", token, tag)
+    Each notebook still gets its own: working copy, kernelspec (whose env carries the notebook's marker,
+    run folder and progress file), JupyterLab workspace, browser context; after it, its kernel and every
+    process carrying its marker are stopped. Starting a server and a browser per notebook cost about 7 s
+    each time on a 2-core machine."""
+
+    def __init__(self):
+        self.tag, self.token = secrets.token_hex(8), secrets.token_hex(24)
+        self._tmp = tempfile.TemporaryDirectory(prefix="nbtest_", ignore_cleanup_errors=True)
+        self.tmp = Path(self._tmp.name)
+        (self.tmp / "work").mkdir()  # the server's root: a folder per notebook run inside
+        self._proc = self._pw = None
+
+    def __enter__(self) -> Lab:
+        from playwright.sync_api import sync_playwright
+
         try:
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(executable_path=find_chromium(), headless=True, args=CHROMIUM_FLAGS)
-                try:
-                    page = browser.new_page(viewport={"width": 1280, "height": 900})
-                    url = f"{base}/lab/tree/{copy.parent.name}/{copy.name}?token={token}"
-                    try:
-                        _drive(page, url, copy, timeout, report, usage)
-                    except Exception as e:  # page never loaded, menu missing, ...: report it with a screenshot
-                        report.problems.append(f"harness: {type(e).__name__}: {str(e)[:500]}")
-                    if screenshot:
-                        try:
-                            _screenshot(page, screenshot)
-                            report.screenshot = screenshot
-                        except Exception as e:
-                            report.problems.append(f"screenshot failed: {type(e).__name__}: {str(e)[:300]}")
-                finally:
-                    browser.close()
+            self._proc, self.base = _start_lab(self.tmp, self.tmp / "work", self.token, self.tag)
+            self._pw = sync_playwright().start()
+            self.browser = self._pw.chromium.launch(executable_path=find_chromium(), headless=True,
+                                                    args=CHROMIUM_FLAGS)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_) -> None:
+        try:
+            if self._pw is not None:
+                self._pw.stop()  # closes the browser too
         finally:
-            _stop_lab(proc, base, token)
+            if self._proc is not None:
+                _stop_lab(self._proc, self.base, self.token)
+            _reap(self.tag)
+            self._tmp.cleanup()
+
+    def run(self, path: Path, timeout: float = 600, screenshot: Path | None = None,
+            keep: Path | None = None) -> NotebookReport:
+        start, tag = time.monotonic(), secrets.token_hex(8)
+        report, usage = NotebookReport(str(path), "browser"), Usage(tag)
+        own = self.tmp / "work" / tag
+        env = {"DISTLAB_RUNS": str(own / "runs"), "DISTLAB_PROGRESS": str(own / "progress.jsonl"),
+               "DISTLAB_AUDIT": "1", MARKER: tag}
+        _kernelspec(self.tmp / "data", f"distlab-{tag}", env)
+        copy = _working_copy(path, own, kernel=f"distlab-{tag}")
+        context = self.browser.new_context(viewport={"width": 1280, "height": 900})
+        try:
+            page = context.new_page()
+            url = f"{self.base}/lab/workspaces/{tag}/tree/{copy.relative_to(self.tmp / 'work')}?token={self.token}"
+            try:
+                _drive(page, url, copy, timeout, report, usage)
+            except Exception as e:  # page never loaded, menu missing, ...: report it with a screenshot
+                report.problems.append(f"harness: {type(e).__name__}: {str(e)[:500]}")
+            if screenshot:
+                try:
+                    _screenshot(page, screenshot)
+                    report.screenshot = screenshot
+                except Exception as e:
+                    report.problems.append(f"screenshot failed: {type(e).__name__}: {str(e)[:300]}")
+        finally:
+            context.close()
+            self._shut_kernels()
             _reap(tag)
         report.seconds = time.monotonic() - start
         usage.record(report)
         if keep:
             save_record(report, copy, keep)
-    return report
+        return report
+
+    def _shut_kernels(self) -> None:
+        try:
+            for k in _api(self.base, self.token, "GET", "/api/kernels"):
+                _api(self.base, self.token, "DELETE", f"/api/kernels/{k['id']}")
+        except Exception:  # best effort: _reap kills what is left
+            pass
+
+
+def run_in_browser(path: Path, timeout: float = 600, screenshot: Path | None = None,
+                   keep: Path | None = None, lab: Lab | None = None) -> NotebookReport:
+    """Open a copy of the notebook in JupyterLab in headless Chromium, Run All Cells, check the page.
+    keep: a folder to save the executed notebook and its timing in (save_record). lab: a running Lab to
+    use (else one is started for this notebook alone)."""
+    if lab is not None:
+        return lab.run(path, timeout, screenshot, keep)
+    with Lab() as own:
+        return own.run(path, timeout, screenshot, keep)

@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from notebook_browser import find_chromium, run_headless, run_in_browser
+from notebook_browser import Lab, find_chromium, run_headless, run_in_browser
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -29,13 +29,23 @@ def expected_on_screen(notebook: Path) -> dict:
     return {key: said[key] for key in ("min_widgets", "min_plots") if key in said}
 
 
+@pytest.fixture(scope="module")
+def lab():
+    """One JupyterLab server and Chromium for every notebook (None without Chromium)."""
+    if not find_chromium():
+        yield None
+        return
+    with Lab() as running:
+        yield running
+
+
 @pytest.mark.timeout(TIMEOUT + 400)  # Run All plus JupyterLab/kernel start-up and teardown
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_clean(notebook: Path) -> None:
+def test_notebook_runs_clean(notebook: Path, lab: Lab | None) -> None:
     """Run All Cells must finish with no error output, every widget and plot rendered."""
     expect = expected_on_screen(notebook)
-    if find_chromium():
-        report = run_in_browser(notebook, TIMEOUT, SCREENSHOTS / f"{notebook.stem}.png", keep=EXECUTED)
+    if lab is not None:
+        report = run_in_browser(notebook, TIMEOUT, SCREENSHOTS / f"{notebook.stem}.png", keep=EXECUTED, lab=lab)
         print(f"screenshot: {report.screenshot}")
     elif os.environ.get("CI") == "true":
         pytest.fail("CI needs chromium: apt-get install -y chromium")
@@ -50,6 +60,7 @@ def test_a_message_whose_wake_up_was_missed_is_found_within_a_slice_not_at_the_t
     """The harness's guard against pyzmq's missed wake-ups (notebook_browser._poll_in_slices)."""
     import asyncio
     import time
+    from concurrent.futures import ThreadPoolExecutor
     from queue import Empty
 
     from notebook_browser import POLL_SLICE, _poll_in_slices
@@ -63,11 +74,15 @@ def test_a_message_whose_wake_up_was_missed_is_found_within_a_slice_not_at_the_t
                 return {"msg": "reply"}
             raise Empty
 
+    def run(coroutine):  # on a thread of its own: the module's Lab keeps Playwright's event loop on this one
+        with ThreadPoolExecutor(1) as thread:
+            return thread.submit(asyncio.run, coroutine).result()
+
     channel = MissesWakeUps()
     _poll_in_slices(channel)
     began = time.monotonic()
-    assert asyncio.run(channel.get_msg(timeout=600)) == {"msg": "reply"}
+    assert run(channel.get_msg(timeout=600)) == {"msg": "reply"}
     assert time.monotonic() - began < 2 * POLL_SLICE
     with pytest.raises(Empty):  # a message that never comes still times out
         began = time.monotonic() + 3600
-        asyncio.run(channel.get_msg(timeout=0.3))
+        run(channel.get_msg(timeout=0.3))
