@@ -364,14 +364,19 @@ def _start_lab(tmp: Path, root: Path, token: str, tag: str) -> tuple[subprocess.
         raise
 
 
+def _shut_kernels(base: str, token: str) -> None:
+    """Ask the server to shut every kernel down (best effort: whatever stays is reaped by its marker)."""
+    try:
+        for k in _api(base, token, "GET", "/api/kernels"):
+            _api(base, token, "DELETE", f"/api/kernels/{k['id']}")
+    except Exception:
+        pass
+
+
 def _stop_lab(proc: subprocess.Popen, base: str, token: str) -> None:
     """Shut kernels down politely, then the server (SIGTERM, then SIGKILL), all bounded."""
     if proc.poll() is None:
-        try:
-            for k in _api(base, token, "GET", "/api/kernels"):
-                _api(base, token, "DELETE", f"/api/kernels/{k['id']}")
-        except Exception:  # best effort: the server shuts its kernels down on SIGTERM too
-            pass
+        _shut_kernels(base, token)  # the server shuts what is left down on SIGTERM too
         proc.terminate()
         try:
             proc.wait(20)
@@ -461,7 +466,7 @@ class Lab:
 
     Each notebook still gets its own: working copy, kernelspec (whose env carries the notebook's marker,
     run folder and progress file), JupyterLab workspace, browser context; after it, its kernel and every
-    process carrying its marker are stopped. Starting a server and a browser per notebook cost about 7 s
+    process carrying its marker are stopped. Starting a server and a browser per notebook cost about 6 s
     each time on a 2-core machine."""
 
     def __init__(self):
@@ -498,11 +503,11 @@ class Lab:
             keep: Path | None = None) -> NotebookReport:
         start, tag = time.monotonic(), secrets.token_hex(8)
         report, usage = NotebookReport(str(path), "browser"), Usage(tag)
-        own = self.tmp / "work" / tag
+        own, kernel = self.tmp / "work" / tag, f"distlab-{tag}"
         env = {"DISTLAB_RUNS": str(own / "runs"), "DISTLAB_PROGRESS": str(own / "progress.jsonl"),
                "DISTLAB_AUDIT": "1", MARKER: tag}
-        _kernelspec(self.tmp / "data", f"distlab-{tag}", env)
-        copy = _working_copy(path, own, kernel=f"distlab-{tag}")
+        _kernelspec(self.tmp / "data", kernel, env)
+        copy = _working_copy(path, own, kernel=kernel)
         context = self.browser.new_context(viewport={"width": 1280, "height": 900})
         try:
             page = context.new_page()
@@ -519,20 +524,13 @@ class Lab:
                     report.problems.append(f"screenshot failed: {type(e).__name__}: {str(e)[:300]}")
         finally:
             context.close()
-            self._shut_kernels()
+            _shut_kernels(self.base, self.token)
             _reap(tag)
         report.seconds = time.monotonic() - start
         usage.record(report)
         if keep:
             save_record(report, copy, keep)
         return report
-
-    def _shut_kernels(self) -> None:
-        try:
-            for k in _api(self.base, self.token, "GET", "/api/kernels"):
-                _api(self.base, self.token, "DELETE", f"/api/kernels/{k['id']}")
-        except Exception:  # best effort: _reap kills what is left
-            pass
 
 
 def run_in_browser(path: Path, timeout: float = 600, screenshot: Path | None = None,
