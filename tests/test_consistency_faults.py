@@ -4,12 +4,16 @@ import functools
 import math
 import os
 import stat
+import threading
+import time
 
 import pytest
+import torch.distributed as dist
 
 import distlab as dl
 from distlab.consistency import checker, experiments, faults, linearizability
 from distlab.consistency.faults import Event, Faults, Schedule
+from distlab.consistency.store import Store, Unavailable
 
 START, END = 0.25, 0.85  # the partition of experiments.SCHEDULES, seconds after the start
 MAJORITY, MINORITY = (0, 1), (2,)
@@ -163,6 +167,43 @@ def test_the_table_has_one_row_per_run_with_what_the_histories_say(runs):
         assert math.isclose(row["messages_per_op"], sent / len(run.history.ops))
     eventual = table.loc[("partition 0,1 | 2", "eventual")]
     assert eventual["lost_messages"] > 0  # gossip across the partition was cut
+
+
+def read_beside_a_write_the_primary_cannot_replicate(ctx, timeout=0.6):
+    """Strong mode, rank 2 cut off: rank 1 forwards a write, which the primary holds for `timeout` waiting for
+    rank 2's acknowledgement, and reads meanwhile. Returns rank 1's (read seconds, write outcome)."""
+    cut = Schedule("cut", (Event(0.0, "partition", groups=(MAJORITY, MINORITY)),))
+    store = Store(ctx.rank, ctx.world_size, "strong", timeout=timeout, faults=Faults(cut, ctx.rank, time.time() - 1))
+    outcome, seconds = [], None
+    try:
+        dist.barrier()
+        if ctx.rank == 1:
+            def write():
+                try:
+                    outcome.append(store.write("k", 1))
+                except (Unavailable, TimeoutError) as error:
+                    outcome.append(type(error).__name__)
+            writer = threading.Thread(target=write)
+            writer.start()
+            time.sleep(timeout / 6)  # the write is now waiting on the primary
+            start = time.monotonic()
+            store.read("k")
+            seconds = time.monotonic() - start
+            writer.join()
+        dist.barrier()
+        store.stop()
+        dist.barrier()
+    finally:
+        store.close()
+    return seconds, outcome
+
+
+@pytest.mark.timeout(120)
+def test_the_primary_answers_reads_while_a_forwarded_write_waits_for_a_cut_off_backup(tmp_path):
+    seconds, outcome = dl.launch(read_beside_a_write_the_primary_cannot_replicate, world_size=3,
+                                 runs_root=str(tmp_path), quiet=True).results[1]
+    assert outcome in (["Unavailable"], ["TimeoutError"]), outcome  # the write could not reach rank 2
+    assert seconds < 0.6 / 4, f"the read waited {seconds:.3f} s behind the write"
 
 
 # -- faults ordered by hand (the notebook's panel) --------------------------------------------------

@@ -197,7 +197,8 @@ class Network:
     """Messages between ranks over ZeroMQ, counted by kind.
 
     Each rank binds a ROUTER socket (its server) in a private folder (mkdtemp makes it 0700). Sockets are
-    not thread-safe, so every thread that sends gets its own DEALER socket per peer.
+    not thread-safe, so every thread that sends gets its own DEALER socket per peer, and a reply computed on
+    another thread is handed to the serving thread (`answer_later`), which sends it.
     """
 
     def __init__(self, rank: int, timeout: float, faults=None):
@@ -215,6 +216,14 @@ class Network:
         self.refused: Counter = Counter()  # reason -> frames refused
         self._count_lock = threading.Lock()
         self._local = threading.local()
+        self._answers: queue.Queue = queue.Queue()  # (identity, answer) from other threads, for the server
+        self._wake_lock = threading.Lock()
+        self._wake_in, self._wake_out = self.context.socket(zmq.PAIR), self.context.socket(zmq.PAIR)
+        self._wake_in.bind(f"inproc://wake-{id(self)}")
+        self._wake_out.connect(f"inproc://wake-{id(self)}")
+        self._poller = zmq.Poller()
+        self._poller.register(self.server, zmq.POLLIN)
+        self._poller.register(self._wake_in, zmq.POLLIN)
 
     def connect(self) -> None:
         """Learn every rank's address through the gloo group."""
@@ -317,7 +326,10 @@ class Network:
         if pause > 0:  # paused: requests wait in the socket, unanswered
             time.sleep(min(pause, POLL_MS / 1000))
             return None
-        if not self.server.poll(POLL_MS):
+        ready = dict(self._poller.poll(POLL_MS))
+        if self._wake_in in ready:
+            self._send_answers()
+        if self.server not in ready:
             return None
         frames = self.server.recv_multipart()
         try:
@@ -340,6 +352,21 @@ class Network:
         frame = encode(answer)
         if self._fate(_sender(identity, self.rank), "reply") is not None:
             self.server.send_multipart([identity, frame])
+
+    def answer_later(self, identity: bytes, answer) -> None:
+        """From any thread: have the serving thread send this reply (it wakes at once)."""
+        self._answers.put((identity, answer))
+        with self._wake_lock:
+            self._wake_out.send(b"")
+
+    def _send_answers(self) -> None:
+        while True:
+            try:
+                self._wake_in.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        while not self._answers.empty():
+            self.reply(*self._answers.get())
 
     def close(self) -> None:
         self.context.destroy(linger=0)
@@ -390,8 +417,11 @@ class Store:
         self._order = threading.Lock()  # the primary numbers and applies one write at a time
         self._counter = 0
         self._outbox: queue.Queue = queue.Queue()  # weak mode: (due time, key, value, version)
+        self._forwarded: queue.Queue = queue.Queue()  # on the primary: (identity, (key, value)) from backups
         self._stop = threading.Event()
         workers = [self._serve, self._send_delayed]
+        if mode in ("strong", "weak") and rank == PRIMARY:
+            workers.append(self._apply_forwarded_writes)
         if mode == "weak" and rank == PRIMARY:
             workers.append(self._propagate)
         if mode == "eventual" and world_size > 1:
@@ -470,8 +500,6 @@ class Store:
         """Answer one message; None means no reply (a one-way message)."""
         if kind == "read":
             return self.replica.get(payload)
-        if kind == "write":
-            return self._primary_write(*payload)
         if kind == "replicate":
             self.replica.merge(*payload)
             return "ack"
@@ -489,6 +517,9 @@ class Store:
             if message is None:
                 continue
             identity, kind, payload = message
+            if kind == "write":
+                self._forwarded.put((identity, payload))
+                continue
             try:
                 answer = self._handle(kind, payload)
                 if answer is not None:
@@ -498,6 +529,24 @@ class Store:
             except Exception as error:  # one bad request must not silence the replica
                 print(f"distlab store, rank {self.rank}: a '{kind}' request failed: {error!r}", file=sys.stderr,
                       flush=True)
+
+    def _apply_forwarded_writes(self) -> None:
+        """On the primary: the backups' writes, in order, off the serving thread. A strong write waits for every
+        backup (up to `timeout` behind a partition); the reads that arrive meanwhile must not wait behind it."""
+        while not self._stop.is_set():
+            try:
+                identity, (key, value) = self._forwarded.get(timeout=POLL_MS / 1000)
+            except queue.Empty:
+                continue
+            try:
+                answer = self._primary_write(key, value)
+            except Unavailable:
+                answer = UNAVAILABLE
+            except Exception as error:  # one bad request must not silence the primary
+                print(f"distlab store, rank {self.rank}: a 'write' request failed: {error!r}", file=sys.stderr,
+                      flush=True)
+                continue
+            self.net.answer_later(identity, answer)
 
     def _propagate(self) -> None:
         """Weak mode, on the primary: send each write to the backups once its delay has passed."""
