@@ -166,7 +166,7 @@ def paths(course: list[Lesson] | None = None, timings: dict | None = None):
                      "Run All (min, measured)": round(running, 1), "length (min)": PATH_MINUTES.get(name),
                      "left for reading and labs (min)": round(PATH_MINUTES[name] - running) if name in PATH_MINUTES
                      else None})
-    return pd.DataFrame(rows).fillna("—")
+    return pd.DataFrame(rows).astype(object).fillna("—")  # "—" in number columns
 
 
 def map_markdown(course: list[Lesson] | None = None, timings: dict | None = None) -> str:
