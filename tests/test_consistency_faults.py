@@ -169,7 +169,10 @@ def test_the_table_has_one_row_per_run_with_what_the_histories_say(runs):
     assert eventual["lost_messages"] > 0  # gossip across the partition was cut
 
 
-def read_beside_a_write_the_primary_cannot_replicate(ctx, timeout=0.6):
+STUCK = 0.6  # seconds the primary waits for the cut-off backup's acknowledgement
+
+
+def read_beside_a_write_the_primary_cannot_replicate(ctx, timeout=STUCK):
     """Strong mode, rank 2 cut off: rank 1 forwards a write, which the primary holds for `timeout` waiting for
     rank 2's acknowledgement, and reads meanwhile. Returns rank 1's (read seconds, write outcome)."""
     cut = Schedule("cut", (Event(0.0, "partition", groups=(MAJORITY, MINORITY)),))
@@ -203,7 +206,7 @@ def test_the_primary_answers_reads_while_a_forwarded_write_waits_for_a_cut_off_b
     seconds, outcome = dl.launch(read_beside_a_write_the_primary_cannot_replicate, world_size=3,
                                  runs_root=str(tmp_path), quiet=True).results[1]
     assert outcome in (["Unavailable"], ["TimeoutError"]), outcome  # the write could not reach rank 2
-    assert seconds < 0.6 / 4, f"the read waited {seconds:.3f} s behind the write"
+    assert seconds < STUCK / 4, f"the read waited {seconds:.3f} s behind the write"
 
 
 # -- faults ordered by hand (the notebook's panel) --------------------------------------------------

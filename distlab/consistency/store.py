@@ -500,6 +500,8 @@ class Store:
         """Answer one message; None means no reply (a one-way message)."""
         if kind == "read":
             return self.replica.get(payload)
+        if kind == "write":
+            return self._primary_write(*payload)
         if kind == "replicate":
             self.replica.merge(*payload)
             return "ack"
@@ -510,8 +512,21 @@ class Store:
                 self.replica.merge(key, value, version)
         return None
 
+    def _answer(self, kind: str, payload):
+        """`_handle`'s answer, UNAVAILABLE when the store could not do it; a request that fails otherwise is
+        reported and gets no answer (one bad request must not silence the replica)."""
+        try:
+            return self._handle(kind, payload)
+        except Unavailable:
+            return UNAVAILABLE
+        except Exception as error:
+            print(f"distlab store, rank {self.rank}: a '{kind}' request failed: {error!r}", file=sys.stderr,
+                  flush=True)
+            return None
+
     def _serve(self) -> None:
-        """Answer requests until stopped. A request that fails is reported, never the end of serving."""
+        """Answer requests until stopped. A backup's write goes to `_apply_forwarded_writes`: a strong write
+        waits for every backup (up to `timeout` behind a partition), and the reads meanwhile must not wait."""
         while not self._stop.is_set():
             message = self.net.receive()
             if message is None:
@@ -519,34 +534,18 @@ class Store:
             identity, kind, payload = message
             if kind == "write":
                 self._forwarded.put((identity, payload))
-                continue
-            try:
-                answer = self._handle(kind, payload)
-                if answer is not None:
-                    self.net.reply(identity, answer)
-            except Unavailable:
-                self.net.reply(identity, UNAVAILABLE)
-            except Exception as error:  # one bad request must not silence the replica
-                print(f"distlab store, rank {self.rank}: a '{kind}' request failed: {error!r}", file=sys.stderr,
-                      flush=True)
+            elif (answer := self._answer(kind, payload)) is not None:
+                self.net.reply(identity, answer)
 
     def _apply_forwarded_writes(self) -> None:
-        """On the primary: the backups' writes, in order, off the serving thread. A strong write waits for every
-        backup (up to `timeout` behind a partition); the reads that arrive meanwhile must not wait behind it."""
+        """On the primary: the backups' writes, in order, off the serving thread."""
         while not self._stop.is_set():
             try:
-                identity, (key, value) = self._forwarded.get(timeout=POLL_MS / 1000)
+                identity, payload = self._forwarded.get(timeout=POLL_MS / 1000)
             except queue.Empty:
                 continue
-            try:
-                answer = self._primary_write(key, value)
-            except Unavailable:
-                answer = UNAVAILABLE
-            except Exception as error:  # one bad request must not silence the primary
-                print(f"distlab store, rank {self.rank}: a 'write' request failed: {error!r}", file=sys.stderr,
-                      flush=True)
-                continue
-            self.net.answer_later(identity, answer)
+            if (answer := self._answer("write", payload)) is not None:
+                self.net.answer_later(identity, answer)
 
     def _propagate(self) -> None:
         """Weak mode, on the primary: send each write to the backups once its delay has passed."""
